@@ -1,0 +1,38 @@
+# kvggml: one entry point for set-up, build, the evaluator and the tests.
+#   make eval     set up everything, then evaluate codecs on the default model
+#   make test     set up everything, then run the test suite
+#   make apply-patches / make format-patches
+#                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+JOBS   ?= $(shell nproc)
+
+.PHONY: setup build eval chat test apply-patches format-patches clean
+
+$(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
+	$(PYTHON) -m venv $(VENV)
+	# llama-cpp-python from the pinned sdist, compiling nothing: kvggml points it at our builds.
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q "$$($(PY) scripts/vendor.py fetch)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+build: setup
+	$(PY) scripts/vendor.py build -j $(JOBS)
+
+eval: build
+	$(VENV)/bin/kvggml eval
+
+test: build
+	$(PY) -m pytest
+
+apply-patches:
+	$(PYTHON) scripts/vendor.py apply-patches
+
+format-patches:
+	$(PYTHON) scripts/vendor.py format-patches
+
+clean:
+	rm -rf build/stock build/patched

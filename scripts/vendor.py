@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Pinned llama.cpp: fetch, patch, build, and export patches back.
+
+    vendor.py fetch           download the pinned sdist with pip, check sha256, extract;
+                              prints the sdist's path
+    vendor.py apply-patches   vendor/llama.cpp = pinned source + patches/*.patch (a git checkout)
+    vendor.py format-patches  write the commits of vendor/llama.cpp back to patches/
+    vendor.py build [stock|patched ...]
+                              build libllama, llama-perplexity and llama-bench
+
+Layout (all git-ignored):
+    build/cache/<sdist>        the verified download
+    build/llama.cpp-stock/     pristine source, never edited
+    vendor/llama.cpp/          git checkout: tag kvggml-base = pristine, branch kvggml = patched
+    build/stock/bin, build/patched/bin
+                               shared libraries and tools of each variant
+
+Only the standard library is used, so this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK = REPO / "vendor" / "llama-cpp-python.toml"
+BUILD = Path(os.environ.get("KVGGML_BUILD_DIR", REPO / "build"))
+CACHE = BUILD / "cache"
+STOCK_SRC = BUILD / "llama.cpp-stock"
+PATCHED_SRC = REPO / "vendor" / "llama.cpp"
+PATCHES = REPO / "patches"
+KVGGML_CSRC = REPO / "kvggml" / "csrc"
+BASE_TAG = "kvggml-base"
+BRANCH = "kvggml"
+# Records which source and which patch series a tree holds, so a rerun with nothing changed does nothing.
+SOURCE_STAMP = ".kvggml-source"
+SERIES_STAMP = "kvggml-series"  # inside .git of the patched checkout
+
+TARGETS = ["llama", "llama-perplexity", "llama-bench"]
+CMAKE_OPTIONS = [
+    "-G", "Ninja",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+]
+GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]
+
+
+class VendorError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[vendor] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, quiet: bool = False) -> str:
+    # Output not captured goes to stderr: stdout carries only what `fetch` prints.
+    res = subprocess.run(cmd, cwd=cwd, env=env, text=True,
+                         stdout=subprocess.PIPE if quiet else sys.stderr,
+                         stderr=subprocess.STDOUT if quiet else None)
+    if res.returncode != 0:
+        detail = f"\n{res.stdout}" if quiet and res.stdout else ""
+        raise VendorError(f"command failed ({res.returncode}): {' '.join(cmd)}{detail}")
+    return res.stdout or ""
+
+
+def git(*args: str, cwd: Path = PATCHED_SRC, quiet: bool = True) -> str:
+    return run(["git", *GIT_IDENTITY, *args], cwd=cwd, quiet=quiet)
+
+
+def read_lock() -> dict:
+    sdist = tomllib.loads(LOCK.read_text())["sdist"]
+    for key in ("package", "version", "filename", "sha256"):
+        if key not in sdist:
+            raise VendorError(f"{LOCK}: [sdist] lacks '{key}'")
+    return sdist
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist() -> Path:
+    """The pinned sdist in build/cache, downloaded by pip on first use, always hash-checked."""
+    lock = read_lock()
+    path = CACHE / lock["filename"]
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        log(f"downloading {lock['package']}=={lock['version']} (sdist) with pip")
+        # --no-binary for this package only: its build dependencies may still come as wheels.
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", lock["package"],
+             "--dest", str(CACHE), f"{lock['package']}=={lock['version']}"], quiet=True)
+    digest = sha256_of(path)
+    if digest != lock["sha256"]:
+        path.unlink()
+        raise VendorError(f"{path.name}: sha256 {digest} does not match the lock ({lock['sha256']}); "
+                          "the file was removed, run again to download it afresh")
+    return path
+
+
+def extract_llama_cpp(sdist: Path, dest: Path, digest: str) -> bool:
+    """Extract the sdist's vendor/llama.cpp into dest; False when dest already holds it."""
+    stamp = dest / SOURCE_STAMP
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return False
+    if dest.exists():
+        shutil.rmtree(dest)
+    log(f"extracting llama.cpp into {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    with tempfile.TemporaryDirectory(dir=BUILD) as tmp, tarfile.open(sdist) as tar:
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        if not members:
+            raise VendorError(f"{sdist.name} has no {prefix}")
+        tar.extractall(tmp, members=members, filter="data")
+        src = Path(tmp) / prefix
+        (src / ".git").unlink(missing_ok=True)  # a submodule pointer into the sdist's own .git
+        shutil.move(src, dest)
+    stamp.write_text(digest + "\n")
+    return True
+
+
+def cmd_fetch() -> None:
+    sdist = fetch_sdist()
+    digest = read_lock()["sha256"]
+    BUILD.mkdir(parents=True, exist_ok=True)
+    extract_llama_cpp(sdist, STOCK_SRC, digest)
+    log(f"pinned source ok: {sdist.name} sha256 {digest[:16]}…")
+    print(sdist)  # for `pip install "$(vendor.py fetch)"`
+
+
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob("*.patch"))
+
+
+def series_digest() -> str:
+    h = hashlib.sha256()
+    for p in patch_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cmd_apply_patches() -> None:
+    sdist = fetch_sdist()
+    digest = read_lock()["sha256"]
+    BUILD.mkdir(parents=True, exist_ok=True)
+    if extract_llama_cpp(sdist, PATCHED_SRC, digest):
+        git("init", "-q", "-b", BRANCH)
+        git("add", "-A")
+        git("commit", "-q", "-m", f"llama.cpp from llama-cpp-python {read_lock()['version']}")
+        git("tag", BASE_TAG)
+    stamp = PATCHED_SRC / ".git" / SERIES_STAMP
+    want = series_digest()
+    head = git("rev-parse", "HEAD").strip()
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        raise VendorError("vendor/llama.cpp has uncommitted changes: commit them and run "
+                          "`make format-patches`, or discard them (git -C vendor/llama.cpp checkout .)")
+    if stamp.exists():
+        recorded_series, recorded_head = stamp.read_text().split()
+        if recorded_series == want and recorded_head == head:
+            log(f"patches up to date ({len(patch_files())} applied)")
+            return
+        if recorded_head != head:
+            raise VendorError("vendor/llama.cpp has commits that are not in patches/: "
+                              "run `make format-patches` to keep them, or "
+                              f"`git -C vendor/llama.cpp reset --hard {BASE_TAG}` to drop them")
+    git("checkout", "-q", "-B", BRANCH, BASE_TAG)
+    for patch in patch_files():
+        try:
+            git("am", "-q", "-3", "--committer-date-is-author-date", str(patch))
+        except VendorError as err:
+            git("am", "--abort")
+            raise VendorError(
+                f"patch {patch.name} does not apply to llama.cpp {read_lock()['version']}:\n"
+                f"  1. git -C vendor/llama.cpp am -3 {patch}\n"
+                "  2. resolve the conflicts, git add, git am --continue\n"
+                "  3. apply the remaining patches the same way, then `make format-patches`\n"
+                f"{err}") from None
+        log(f"applied {patch.name}")
+    stamp.write_text(f"{want} {git('rev-parse', 'HEAD').strip()}\n")
+
+
+def cmd_format_patches() -> None:
+    if not (PATCHED_SRC / ".git").exists():
+        raise VendorError("vendor/llama.cpp is not a checkout yet: run `make apply-patches` first")
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        raise VendorError("vendor/llama.cpp has uncommitted changes: commit them first")
+    for old in patch_files():
+        old.unlink()
+    # Stable bytes: no commit ids, numbers, signature or diffstat that would change on every export.
+    git("format-patch", "-q", "--zero-commit", "--no-numbered", "--no-signature", "--no-stat",
+        "--output-directory", str(PATCHES), f"{BASE_TAG}..HEAD")
+    (PATCHED_SRC / ".git" / SERIES_STAMP).write_text(
+        f"{series_digest()} {git('rev-parse', 'HEAD').strip()}\n")
+    for p in patch_files():
+        log(f"wrote patches/{p.name}")
+
+
+def build_variant(variant: str, jobs: int) -> None:
+    src = STOCK_SRC if variant == "stock" else PATCHED_SRC
+    out = BUILD / variant
+    options = list(CMAKE_OPTIONS)
+    if variant == "patched":
+        options.append(f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}")
+    env = dict(os.environ)
+    if shutil.which("ccache"):
+        # Paths relative to the repo in the ccache key: a fresh clone (CI) reuses this machine's objects.
+        env.setdefault("CCACHE_BASEDIR", str(REPO))
+        env.setdefault("CCACHE_NOHASHDIR", "true")
+    if not (out / "CMakeCache.txt").exists():
+        log(f"configuring {variant}")
+        run(["cmake", "-S", str(src), "-B", str(out), *options], env=env, quiet=True)
+    log(f"building {variant}: {', '.join(TARGETS)}")
+    run(["cmake", "--build", str(out), "--parallel", str(jobs), "--target", *TARGETS], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch")
+    sub.add_parser("apply-patches")
+    sub.add_parser("format-patches")
+    build = sub.add_parser("build")
+    build.add_argument("variants", nargs="*", choices=["stock", "patched"], default=["stock", "patched"])
+    build.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            cmd_fetch()
+        elif args.command == "apply-patches":
+            cmd_apply_patches()
+        elif args.command == "format-patches":
+            cmd_format_patches()
+        else:
+            if "stock" in args.variants:
+                cmd_fetch()
+            if "patched" in args.variants:
+                cmd_apply_patches()
+            for variant in args.variants:
+                build_variant(variant, args.jobs)
+    except VendorError as err:
+        print(f"vendor.py {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
