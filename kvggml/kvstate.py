@@ -5,9 +5,10 @@ each layer's K and V rows in that blob so a codec can be applied to them and
 the blob written back with `llama_state_seq_set_data`. Everything that is not
 K/V data (cell positions, sequence ids, headers) is kept byte for byte.
 
-Blob layout (llama-kv-cache.cpp, state_write), repeated once per cache part
-(one part for most models; iSWA models such as Gemma 3 write the full-attention
-cache, then the sliding-window cache):
+Blob layout: u32 magic 0xaf143cd8, i32 seq_id (llama-context.cpp), then
+(llama-kv-cache.cpp, state_write) once per cache part (one part for most
+models; iSWA models such as Gemma 3 write the full-attention cache, then the
+sliding-window cache):
 
     u32 n_stream
     per stream: u32 cell_count; if cell_count > 0:
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+STATE_MAGIC = 0xAF143CD8
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_BF16 = 30
@@ -109,6 +111,10 @@ class KVState:
     @classmethod
     def parse(cls, data: bytes) -> "KVState":
         reader = _Reader(data)
+        magic = reader.u32("magic")
+        if magic != STATE_MAGIC:
+            raise StateFormatError(f"not a llama.cpp sequence state: magic {magic:#010x}, expected {STATE_MAGIC:#010x}")
+        reader.unpack("<i", "seq_id")
         streams: list[CacheStream] = []
         part = 0
         while reader.pos < len(data):

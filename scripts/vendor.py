@@ -36,8 +36,8 @@ LOCK = REPO / "vendor" / "llama-cpp-python.toml"
 BUILD = Path(os.environ.get("KVGGML_BUILD_DIR", REPO / "build"))
 CACHE = BUILD / "cache"
 STOCK_SRC = BUILD / "llama.cpp-stock"
-PATCHED_SRC = REPO / "vendor" / "llama.cpp"
-PATCHES = REPO / "patches"
+PATCHED_SRC = Path(os.environ.get("KVGGML_PATCHED_SRC", REPO / "vendor" / "llama.cpp"))
+PATCHES = Path(os.environ.get("KVGGML_PATCHES_DIR", REPO / "patches"))
 KVGGML_CSRC = REPO / "kvggml" / "csrc"
 BASE_TAG = "kvggml-base"
 BRANCH = "kvggml"
@@ -172,17 +172,21 @@ def cmd_apply_patches() -> None:
     want = series_digest()
     head = git("rev-parse", "HEAD").strip()
     if git("status", "--porcelain", "--untracked-files=no").strip():
-        raise VendorError("vendor/llama.cpp has uncommitted changes: commit them and run "
-                          "`make format-patches`, or discard them (git -C vendor/llama.cpp checkout .)")
+        raise VendorError(f"{PATCHED_SRC} has uncommitted changes: commit them and run "
+                          f"`make format-patches`, or discard them (git -C {PATCHED_SRC} checkout .)")
     if stamp.exists():
         recorded_series, recorded_head = stamp.read_text().split()
         if recorded_series == want and recorded_head == head:
             log(f"patches up to date ({len(patch_files())} applied)")
             return
         if recorded_head != head:
-            raise VendorError("vendor/llama.cpp has commits that are not in patches/: "
+            raise VendorError(f"{PATCHED_SRC} has commits that are not in {PATCHES}: "
                               "run `make format-patches` to keep them, or "
-                              f"`git -C vendor/llama.cpp reset --hard {BASE_TAG}` to drop them")
+                              f"`git -C {PATCHED_SRC} reset --hard {BASE_TAG}` to drop them")
+    elif head != git("rev-parse", BASE_TAG).strip():
+        raise VendorError(f"{PATCHED_SRC} holds an unrecorded series (did a patch fail to apply?): finish it and run "
+                          f"`make format-patches`, or start over with `git -C {PATCHED_SRC} reset --hard {BASE_TAG}`")
+    stamp.unlink(missing_ok=True)
     git("checkout", "-q", "-B", BRANCH, BASE_TAG)
     for patch in patch_files():
         try:
@@ -190,8 +194,9 @@ def cmd_apply_patches() -> None:
         except VendorError as err:
             git("am", "--abort")
             raise VendorError(
-                f"patch {patch.name} does not apply to llama.cpp {read_lock()['version']}:\n"
-                f"  1. git -C vendor/llama.cpp am -3 {patch}\n"
+                f"patch {patch.name} does not apply to llama.cpp {read_lock()['version']}; "
+                f"{PATCHED_SRC} holds the patches before it. To fix it:\n"
+                f"  1. git -C {PATCHED_SRC} am -3 {patch}\n"
                 "  2. resolve the conflicts, git add, git am --continue\n"
                 "  3. apply the remaining patches the same way, then `make format-patches`\n"
                 f"{err}") from None
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("apply-patches")
     sub.add_parser("format-patches")
     build = sub.add_parser("build")
-    build.add_argument("variants", nargs="*", choices=["stock", "patched"], default=["stock", "patched"])
+    build.add_argument("variants", nargs="*", metavar="stock|patched", help="default: both")
     build.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     try:
@@ -251,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "format-patches":
             cmd_format_patches()
         else:
+            args.variants = args.variants or ["stock", "patched"]
+            for variant in set(args.variants) - {"stock", "patched"}:
+                parser.error(f"build: unknown variant {variant!r}: expected stock or patched")
             if "stock" in args.variants:
                 cmd_fetch()
             if "patched" in args.variants:

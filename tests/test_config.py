@@ -1,0 +1,63 @@
+import pytest
+
+from kvggml.config import SETTINGS, CompressionConfig, ConfigError, markdown_table
+from kvggml.library import choose_library
+
+
+def test_defaults_when_unset():
+    config = CompressionConfig.from_env({})
+    assert config == CompressionConfig()
+    assert (config.enabled, config.threshold, config.level, config.block_tokens) == (False, 512, 4, 16)
+
+
+def test_values_are_parsed():
+    env = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_THRESHOLD": "1024",
+           "OLLAMA_KV_COMPRESSION_LEVEL": " 3 ", "OLLAMA_KV_COMPRESSION_PRESET": "lo",
+           "OLLAMA_KV_COMPRESSION_SINKS": "0", "OLLAMA_KV_COMPRESSION_HADAMARD": "0"}
+    config = CompressionConfig.from_env(env)
+    assert config == CompressionConfig(True, 1024, 3, "lo", 0, False)
+    assert CompressionConfig.from_env(config.to_env()) == config
+
+
+BAD_VALUES = [
+    ("OLLAMA_KV_COMPRESSION", "2", "out of range: expected an integer from 0 to 1"),
+    ("OLLAMA_KV_COMPRESSION", "yes", "is not an integer: expected an integer from 0 to 1"),
+    ("OLLAMA_KV_COMPRESSION_THRESHOLD", "-5", "out of range: expected an integer from 0 to 16777216"),
+    ("OLLAMA_KV_COMPRESSION_THRESHOLD", "512.5", "is not an integer"),
+    ("OLLAMA_KV_COMPRESSION_LEVEL", "0", "out of range: expected an integer from 1 to 6"),
+    ("OLLAMA_KV_COMPRESSION_LEVEL", "7", "out of range: expected an integer from 1 to 6"),
+    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "is not allowed: expected one of hi, balanced, lo"),
+    ("OLLAMA_KV_COMPRESSION_SINKS", "99999", "out of range: expected an integer from 0 to 4096"),
+    ("OLLAMA_KV_COMPRESSION_HADAMARD", "on", "is not an integer: expected an integer from 0 to 1"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BAD_VALUES)
+def test_bad_value_names_variable_value_and_range(name, value, message):
+    with pytest.raises(ConfigError) as err:
+        CompressionConfig.from_env({name: value})
+    assert str(err.value).startswith(f"{name}={value!r} ")
+    assert message in str(err.value)
+
+
+def test_every_setting_has_a_bad_value_test():
+    assert {name for name, _, _ in BAD_VALUES} == {s.env for s in SETTINGS.values()}
+
+
+def test_bad_library_choice():
+    with pytest.raises(ConfigError, match=r"KVGGML_LIB='patchd' is not allowed: expected one of stock, patched"):
+        choose_library({"KVGGML_LIB": "patchd"})
+
+
+def test_library_choice(tmp_path):
+    assert choose_library({"KVGGML_BUILD_DIR": str(tmp_path)}).directory == tmp_path / "patched" / "bin"
+    assert choose_library({"KVGGML_LIB": "stock", "KVGGML_BUILD_DIR": str(tmp_path)}).variant == "stock"
+    custom = choose_library({"LLAMA_CPP_LIB_PATH": str(tmp_path)})
+    assert (custom.variant, custom.directory) == ("custom", tmp_path)
+
+
+def test_readme_documents_every_variable():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert markdown_table() in readme
