@@ -48,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvggml.model import default_model_path, default_text, silence_llama_logs
 
     config = CompressionConfig.from_env()
-    rows = [Row.parse(spec) for spec in (args.rows.split(",") if args.rows else DEFAULT_ROWS)]
+    rows = [Row.parse(spec) for spec in (args.rows or DEFAULT_ROWS)]
     model = Path(args.model) if args.model else default_model_path()
     if not model.is_file():
         raise FileNotFoundError(f"--model {model}: no such file")
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
     ev.add_argument("--window", type=non_negative, help="recent tokens kept exact (default: OLLAMA_KV_COMPRESSION_THRESHOLD)")
     ev.add_argument("--sinks", type=non_negative, help="first tokens kept exact (default: OLLAMA_KV_COMPRESSION_SINKS)")
-    ev.add_argument("--rows", help="comma-separated: identity, stock:<f16|q8_0|q4_0>, codec names or specs")
+    ev.add_argument("--rows", nargs="+", metavar="ROW",
+                    help="identity, stock:<f16|q8_0|q4_0>, a codec name or a spec such as haar:levels=2,bits=8.5.4")
     ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)
