@@ -348,19 +348,36 @@ class _Band:
     q: np.ndarray  # int32 (n_blocks, rows, n_groups, group)
 
 
+# Subband widths of the named presets: A_L, then details D_1 (finest), D_2, D_3, D_4 and coarser.
+# Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); the library reads the same table
+# (kvggml/csrc/config.cpp) for OLLAMA_KV_COMPRESSION_PRESET.
+PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
+    "hi": (8, (4, 5, 6, 7)),
+    "balanced": (6, (3, 3, 3, 4)),
+    "lo": (4, (3, 3, 3, 3)),
+}
+
+
+def preset_bits(preset: str, levels: int) -> tuple[int, ...]:
+    """Widths [A_L, D_L, ..., D_1] of a preset at `levels` levels."""
+    approximation, detail = PRESETS[preset]
+    return (approximation, *(detail[min(j, 4) - 1] for j in range(levels, 0, -1)))
+
+
 @dataclass(frozen=True)
 class HaarCodec(Codec):
     """Hadamard rotation per head, L-level Haar along tokens, per-subband symmetric quantization.
 
     A block is B = 2^levels tokens x C channels (C = n_heads * head_dim), serialized as in
-    docs/FORMAT.md. `bits` gives the width of [A_L, D_L, ..., D_1] (0 drops the subband, 2..16);
+    docs/FORMAT.md. `bits` gives the width of [A_L, D_L, ..., D_1] (0 drops the subband, 2..16;
+    default: the "balanced" preset at these levels);
     one f16 scale per group of `group` channels in one row of a subband. A detail group whose
     max |coefficient| is <= threshold x (max |A_L| over the same channels in the block) is
     dropped; threshold 0 drops only all-zero groups, which is lossless.
     """
 
     levels: int = 4
-    bits: tuple[int, ...] = (8, 6, 5, 4, 3)
+    bits: tuple[int, ...] | None = None
     hadamard: bool = True
     group: int = 64
     threshold: float = 0.0
@@ -370,8 +387,9 @@ class HaarCodec(Codec):
         "levels": int, "bits": _parse_dotted, "hadamard": _parse_flag, "group": int, "threshold": _parse_float}
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", tuple(self.bits))
         _require(0 <= self.levels <= MAX_LEVELS, self.KIND, "levels", self.levels, f"0 to {MAX_LEVELS}")
+        bits = preset_bits("balanced", self.levels) if self.bits is None else tuple(self.bits)
+        object.__setattr__(self, "bits", bits)
         _require(len(self.bits) == self.levels + 1, self.KIND, "bits", self.bits,
                  f"exactly levels+1 = {self.levels + 1} dot-separated widths (A_L, D_L, ..., D_1)")
         _require(all(b == 0 or 2 <= b <= MAX_BITS for b in self.bits), self.KIND, "bits", self.bits,
@@ -585,9 +603,9 @@ CODECS: dict[str, Codec] = {codec.name: codec for codec in (
     Kivi(bits=4, name="kivi4"), Kivi(bits=2, name="kivi2"),
     Pooling(levels=1, name="pool2"), Pooling(levels=2, name="pool4"),
     Eviction(),
-    HaarCodec(bits=(8, 7, 6, 5, 4), name="haar-hi"),
+    HaarCodec(bits=preset_bits("hi", 4), name="haar-hi"),
     HaarCodec(name="haar"),
-    HaarCodec(bits=(8, 4, 3, 2, 2), name="haar-lo"),
+    HaarCodec(bits=preset_bits("lo", 4), name="haar-lo"),
     HaarCodec(hadamard=False, name="haar-noH"),
     HaarCodec(bits=(16,) * 5, group=32, name="haar-16"),
 )}

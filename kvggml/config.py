@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+from kvggml.codec import PRESETS as CODEC_PRESETS
+from kvggml.codec import HaarCodec, preset_bits
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value outside its allowed range."""
@@ -45,7 +48,7 @@ class Setting:
         return number
 
 
-PRESETS = ("hi", "balanced", "lo")
+PRESETS = tuple(CODEC_PRESETS)
 
 # Field name -> setting; the dataclass below has one field per entry, in this order.
 SETTINGS: dict[str, Setting] = {
@@ -57,7 +60,8 @@ SETTINGS: dict[str, Setting] = {
     "level": Setting("OLLAMA_KV_COMPRESSION_LEVEL", 4,
                      "Haar levels along the token axis; a block holds 2^LEVEL tokens", min=1, max=6),
     "preset": Setting("OLLAMA_KV_COMPRESSION_PRESET", "balanced",
-                      "bits per wavelet subband: hi (~5 bits/element), balanced (~4), lo (~3)", choices=PRESETS),
+                      "bits per wavelet subband (see Presets): hi (5.2 bits/element), balanced (3.5), lo (3.4)",
+                      choices=PRESETS),
     "sinks": Setting("OLLAMA_KV_COMPRESSION_SINKS", 4,
                      "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096),
     "hadamard": Setting("OLLAMA_KV_COMPRESSION_HADAMARD", 1,
@@ -78,6 +82,10 @@ class CompressionConfig:
     @property
     def block_tokens(self) -> int:
         return 1 << self.level
+
+    def codec(self) -> HaarCodec:
+        """The codec the library applies with these settings."""
+        return HaarCodec(levels=self.level, bits=preset_bits(self.preset, self.level), hadamard=self.hadamard)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "CompressionConfig":
