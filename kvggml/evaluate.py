@@ -29,8 +29,11 @@ from kvggml.model import Runner
 from kvggml.progress import Progress
 
 STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml type id, bits per element
-DEFAULT_ROWS = ["identity", "stock:q8_0", "stock:q4_0", "f16", "q8_0", "q4_0", "q4_0+hadamard", "kivi4",
-                "kivi2", "pool2", "evict", "haar-hi", "haar", "haar-lo", "haar-noH"]
+# haar-16 changes values by ~2e-5 (relative): its KLD is the measurement's noise floor, since any change
+# re-rolls the model's own rounding (e.g. the q8 activations of a quantized model).
+# haar:levels=0,bits=3 is the same quantizer without the wavelet: Haar against plain at equal bits.
+DEFAULT_ROWS = ["identity", "stock:q8_0", "stock:q4_0", "f16", "haar-16", "q8_0", "q4_0", "q4_0+hadamard", "kivi4",
+                "kivi2", "pool2", "evict", "haar:levels=0,bits=3", "haar-hi", "haar", "haar-lo", "haar-noH"]
 
 
 @dataclass(frozen=True)

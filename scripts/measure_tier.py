@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Measure the compressed KV tier inside llama.cpp against stock llama.cpp.
+
+    measure_tier.py memory   [--ctx 16384]           KV bytes (library accounting) and peak RSS
+    measure_tier.py quality  [--ctx 4096 --chunks 4] llama-perplexity --kl-divergence vs stock f16 logits
+    measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth
+
+Every run is a separate process on the stock or the patched build of the same pinned
+llama.cpp; results are printed as a table and written to results/tier-<what>.json.
+Run with the repo's venv: .venv/bin/python scripts/measure_tier.py memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kvggml.library import library_dir  # noqa: E402
+from kvggml.model import default_model_path, default_text  # noqa: E402
+
+PRESETS = ("hi", "balanced", "lo")
+# label -> (library, cache type, compression preset or None)
+VARIANTS = {"stock f16": ("stock", "f16", None), "stock q8_0": ("stock", "q8_0", None),
+            "stock q4_0": ("stock", "q4_0", None),
+            **{f"kvggml {p}": ("patched", "f16", p) for p in PRESETS}}
+GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+MEMORY_PROBE = r"""
+import json, resource, sys, time
+from kvggml.library import load_llama_cpp
+from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
+from kvggml.native import stats_or_none
+n_ctx, type_id = int(sys.argv[1]), int(sys.argv[2])
+llama_cpp = load_llama_cpp(); silence_llama_logs(llama_cpp)
+with Runner(llama_cpp, default_model_path(), n_ctx=n_ctx, n_batch=512, type_k=type_id, type_v=type_id) as run:
+    tokens = run.tokenize(default_text())[:n_ctx]
+    t0 = time.perf_counter()
+    run.decode(tokens, 0)
+    seconds = time.perf_counter() - t0
+    model = run.model
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    stats = stats_or_none(llama_cpp, run.ctx)
+    state_bytes = llama_cpp.llama_state_seq_get_size(run.ctx, 0) if stats is None else None
+print(json.dumps({"tokens": len(tokens), "prefill_s": seconds, "n_layer": n_layer, "stats": stats,
+                  "state_bytes": state_bytes,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def variant_env(variant: str) -> dict:
+    lib, _, preset = VARIANTS[variant]
+    env = {**os.environ, "KVGGML_LIB": lib, "OLLAMA_KV_COMPRESSION": "1" if preset else "0"}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    if preset:
+        env["OLLAMA_KV_COMPRESSION_PRESET"] = preset
+    return env
+
+
+def tool(variant: str, name: str) -> str:
+    return str(library_dir(VARIANTS[variant][0]) / name)
+
+
+def cache_flags(variant: str) -> list[str]:
+    cache = VARIANTS[variant][1]
+    # quantized V needs flash attention; use it everywhere so every row runs the same kernel
+    return ["-ctk", cache, "-ctv", cache, "-fa", "on"]
+
+
+def measure_memory(args) -> list[dict]:
+    rows = []
+    for variant in args.variants:
+        cache = VARIANTS[variant][1]
+        print(f"[memory] {variant}: {args.ctx}-token prompt, n_ctx {args.ctx}", file=sys.stderr, flush=True)
+        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache])],
+                             env=variant_env(variant), capture_output=True, text=True, cwd=REPO)
+        if res.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{res.stderr}")
+        probe = json.loads(res.stdout.strip().splitlines()[-1])
+        stats = probe["stats"]
+        if stats:
+            kv_bytes = stats["exact_bytes"] + stats["compressed_bytes"]
+        else:
+            # stock: every cell of n_ctx holds K and V at the cache type's size (ggml row sizes)
+            kv_bytes = probe["state_bytes"]
+        rows.append({"variant": variant, "kv_mib": kv_bytes / 2**20, "peak_rss_mib": probe["peak_rss_mib"],
+                     "prefill_s": probe["prefill_s"], "stats": stats})
+    base = rows[0]["kv_mib"]
+    for r in rows:
+        r["kv_vs_first"] = r["kv_mib"] / base
+    return rows
+
+
+def run_perplexity(variant: str, args, extra: list[str]) -> str:
+    cmd = [tool(variant, "llama-perplexity"), "-m", str(args.model), "-f", str(args.text_file), "-c", str(args.ctx),
+           "-b", "512", "-ub", "512", "--chunks", str(args.chunks), "-t", str(args.threads), *cache_flags(variant), *extra]
+    res = subprocess.run(cmd, env=variant_env(variant), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return res.stdout + res.stderr
+
+
+def measure_quality(args) -> list[dict]:
+    base = args.out / f"kld-base-c{args.ctx}.bin"
+    print(f"[quality] stock f16 base logits -> {base}", file=sys.stderr, flush=True)
+    run_perplexity("stock f16", args, ["--kl-divergence-base", str(base)])
+    rows = []
+    for variant in args.variants:
+        print(f"[quality] {variant}", file=sys.stderr, flush=True)
+        out = run_perplexity(variant, args, ["--kl-divergence-base", str(base), "--kl-divergence"])
+        row = {"variant": variant}
+        for key, pattern in {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "kld_mean": r"Mean\s+KLD:\s*([-\d.]+)",
+                             "kld_p99": r"99\.0%\s+KLD:\s*([-\d.]+)", "same_top_p": r"Same top p:\s*([\d.]+)"}.items():
+            m = re.search(pattern, out)
+            row[key] = float(m.group(1)) if m else None
+        rows.append(row)
+    return rows
+
+
+def measure_speed(args) -> list[dict]:
+    rows = []
+    for variant in args.variants:
+        print(f"[speed] {variant}", file=sys.stderr, flush=True)
+        cmd = [tool(variant, "llama-bench"), "-m", str(args.model), "-p", "512", "-n", "32", "-d", args.depths,
+               "-r", "1", "-t", str(args.threads), "-o", "json", *cache_flags(variant)]
+        res = subprocess.run(cmd, env=variant_env(variant), capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        for test in json.loads(res.stdout):
+            kind = "prefill" if test["n_prompt"] else "decode"
+            rows.append({"variant": variant, "test": f"{kind} @ depth {test['n_depth']}", "tokens_s": test["avg_ts"]})
+    base = {r["test"]: r["tokens_s"] for r in rows if r["variant"] == args.variants[0]}
+    for r in rows:
+        r["vs_first"] = r["tokens_s"] / base[r["test"]]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = [k for k in rows[0] if k != "stats"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["memory", "quality", "speed"])
+    parser.add_argument("--ctx", type=int, help="context (memory: 16384, quality: 4096)")
+    parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks")
+    parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first is the baseline")
+    parser.add_argument("--out", type=Path, default=REPO / "results")
+    args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    for v in args.variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
+    args.ctx = args.ctx or (16384 if args.what == "memory" else 4096)
+    args.model = default_model_path()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.text_file = args.out / "text.txt"
+    args.text_file.write_text(default_text())
+    rows = {"memory": measure_memory, "quality": measure_quality, "speed": measure_speed}[args.what](args)
+    (args.out / f"tier-{args.what}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                                 "rows": rows}, indent=2) + "\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
