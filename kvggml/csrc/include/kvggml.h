@@ -1,9 +1,13 @@
 // kvggml: wavelet compression of the llama.cpp KV cache.
 //
-// The one public header of the C side. Everything here is exported by the
-// patched libllama; the stock library has none of these symbols, which is how
-// the Python layer tells the two apart.
+// The one public header of the C side, top to bottom: version, error codes, the block
+// codec (docs/FORMAT.md), then what a llama_context exposes. Everything here is exported
+// by the patched libllama; the stock library has none of these symbols, which is how the
+// Python layer tells the two apart.
 #pragma once
+
+#include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -15,6 +19,10 @@ extern "C" {
 #    define KVGGML_API __attribute__((visibility("default")))
 #endif
 
+//
+// version
+//
+
 #define KVGGML_VERSION_MAJOR 0
 #define KVGGML_VERSION_MINOR 1
 #define KVGGML_VERSION_PATCH 0
@@ -24,6 +32,77 @@ extern "C" {
 KVGGML_API const char * kvggml_version_string(void);
 // The same as KVGGML_VERSION_NUMBER, for checking header/library agreement at run time.
 KVGGML_API unsigned kvggml_version_number(void);
+
+//
+// errors: 0 is success, every error is negative; kvggml_error_name() names it
+//
+
+#define KVGGML_OK                         0
+#define KVGGML_ERROR_ARGUMENT            -1  // null pointer, or a block of another configuration
+#define KVGGML_ERROR_CAPACITY            -2  // output buffer too small
+#define KVGGML_ERROR_TRUNCATED_HEADER    -3
+#define KVGGML_ERROR_MAGIC               -4
+#define KVGGML_ERROR_VERSION             -5
+#define KVGGML_ERROR_LEVELS              -6
+#define KVGGML_ERROR_SIZES               -7  // channels, group and rotation inconsistent
+#define KVGGML_ERROR_BITS                -8  // a subband width of 1 or above 16
+#define KVGGML_ERROR_TRUNCATED_BITMAP    -9
+#define KVGGML_ERROR_TRUNCATED_SCALES   -10
+#define KVGGML_ERROR_TRUNCATED_DATA     -11
+#define KVGGML_ERROR_TRAILING           -12
+#define KVGGML_ERROR_PADDING            -13  // a set padding bit
+#define KVGGML_ERROR_SCALE_NONFINITE    -14
+#define KVGGML_ERROR_SCALE_NONPOSITIVE  -15
+#define KVGGML_ERROR_VALUE              -16  // a value of -2^(b-1), never produced
+#define KVGGML_ERROR_NONFINITE_INPUT    -17
+
+// A short static string naming the code (e.g. "truncated scales").
+KVGGML_API const char * kvggml_error_name(int32_t code);
+
+//
+// block codec (docs/FORMAT.md): one block is 2^levels tokens x channels values
+//
+
+typedef struct kvggml_codec_params {
+    int32_t levels;     // Haar levels L, 0..8; a block holds 2^L tokens
+    int32_t group;      // channels per f16 scale; divides the channel count
+    int32_t rotation;   // Hadamard length (the head dimension), or 1 for none
+    float   threshold;  // detail groups at or below threshold x their A_L level are dropped (encoder only)
+    uint8_t bits[9];    // bits[0..L]: widths of A_L, D_L, ..., D_1; 0 (dropped) or 2..16
+} kvggml_codec_params;
+
+// Largest encoded size of one block, or 0 for invalid params.
+KVGGML_API size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t channels);
+
+// Encode x[2^L][channels] (float32, finite). Returns the bytes written, or an error code.
+KVGGML_API int64_t kvggml_codec_encode_block(const kvggml_codec_params * params, const float * x, int32_t channels,
+                                             uint8_t * out, size_t out_capacity);
+
+// Decode one block into out[B][channels]; the block must say `channels`. *out_tokens (may be
+// NULL) receives B. Returns KVGGML_OK or an error code; malformed input is rejected without
+// reading out of bounds.
+KVGGML_API int32_t kvggml_codec_decode_block(const uint8_t * data, size_t size, int32_t channels,
+                                             float * out, size_t out_capacity_floats, int32_t * out_tokens);
+
+//
+// a llama_context with compression (OLLAMA_KV_COMPRESSION=1)
+//
+
+struct llama_context;
+
+typedef struct kvggml_stats {
+    int32_t  enabled;           // 1 when this context compresses its KV cache
+    uint32_t exact_cells;       // f16 cells allocated: sinks + window + a block + a batch, not n_ctx
+    uint64_t exact_bytes;       // bytes of those cells, K and V, all layers
+    uint64_t compressed_bytes;  // encoded blocks, K and V, all layers
+    uint64_t compressed_tokens; // tokens held compressed, all sequences
+    uint64_t blocks;            // compressed blocks
+    uint64_t encode_us;         // time spent compressing, in total
+    uint64_t decode_us;         // time spent decoding blocks for attention (one thread's share), in total
+} kvggml_stats;
+
+// Totals of the context's KV cache. Fields stay 0 where the memory is not a plain KV cache.
+KVGGML_API int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out);
 
 #ifdef __cplusplus
 }

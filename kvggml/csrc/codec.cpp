@@ -1,0 +1,580 @@
+// The wavelet block codec of docs/FORMAT.md. Every float operation below is written in
+// the order the spec gives (compiled with -ffp-contract=off), so the bytes and decoded
+// values equal the numpy reference's (tests/test_c_codec.py, tests/vectors/).
+
+#include "codec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace kvggml {
+
+namespace {
+
+constexpr uint8_t kMagic   = 0x57;  // 'W'
+constexpr uint8_t kVersion = 1;
+constexpr int     kMaxBits = 16;
+constexpr float   kSqrtHalf = 0x1.6a09e6p-1f;  // (float)(1/sqrt(2))
+
+int32_t rows_of(int32_t B, int32_t L, int32_t k) { return k == 0 ? B >> L : B >> (L + 1 - k); }
+int32_t first_row(int32_t B, int32_t L, int32_t k) { return k == 0 ? 0 : B >> (L + 1 - k); }
+
+void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
+    if (R <= 1) {
+        return;
+    }
+    const float r = (float) (1.0 / std::sqrt((double) R));
+    for (int32_t row = 0; row < n_rows; ++row) {
+        for (int32_t run = 0; run < C; run += R) {
+            float * v = x + (size_t) row * C + run;
+            for (int32_t h = 1; h < R; h *= 2) {
+                for (int32_t j = 0; j < R; ++j) {
+                    if ((j & h) == 0) {
+                        const float a = v[j], b = v[j + h];
+                        v[j] = a + b;
+                        v[j + h] = a - b;
+                    }
+                }
+            }
+            for (int32_t j = 0; j < R; ++j) {
+                v[j] = v[j] * r;
+            }
+        }
+    }
+}
+
+// Haar along rows (tokens), every channel at once: contiguous inner loops over channels.
+void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
+    for (int32_t l = 1; l <= L; ++l) {
+        const int32_t n = B >> (l - 1);
+        for (int32_t i = 0; i < n / 2; ++i) {
+            const float * x0 = t + (size_t) (2 * i) * C;
+            const float * x1 = x0 + C;
+            float * a = tmp + (size_t) i * C;
+            float * d = tmp + (size_t) (n / 2 + i) * C;
+            for (int32_t c = 0; c < C; ++c) {
+                a[c] = (x0[c] + x1[c]) * kSqrtHalf;
+                d[c] = (x0[c] - x1[c]) * kSqrtHalf;
+            }
+        }
+        std::memcpy(t, tmp, sizeof(float) * (size_t) n * C);
+    }
+}
+
+void haar_inverse(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
+    for (int32_t l = L; l >= 1; --l) {
+        const int32_t n = B >> (l - 1);
+        for (int32_t i = 0; i < n / 2; ++i) {
+            const float * a = t + (size_t) i * C;
+            const float * d = t + (size_t) (n / 2 + i) * C;
+            float * e0 = tmp + (size_t) (2 * i) * C;
+            float * e1 = e0 + C;
+            for (int32_t c = 0; c < C; ++c) {
+                e0[c] = (a[c] + d[c]) * kSqrtHalf;
+                e1[c] = (a[c] - d[c]) * kSqrtHalf;
+            }
+        }
+        std::memcpy(t, tmp, sizeof(float) * (size_t) n * C);
+    }
+}
+
+// LSB-first bit stream (FORMAT.md section 6).
+struct BitWriter {
+    uint8_t * out;
+    size_t    pos = 0;   // bytes written
+    uint64_t  acc = 0;
+    int       n = 0;     // bits in acc
+
+    void put(uint32_t value, int bits) {
+        acc |= (uint64_t) (value & ((1u << bits) - 1u)) << n;
+        n += bits;
+        while (n >= 8) {
+            out[pos++] = (uint8_t) acc;
+            acc >>= 8;
+            n -= 8;
+        }
+    }
+    void flush() {
+        if (n > 0) {
+            out[pos++] = (uint8_t) acc;  // high bits are 0
+            acc = 0;
+            n = 0;
+        }
+    }
+};
+
+struct BitReader {
+    const uint8_t * data;
+    size_t   pos = 0;
+    uint64_t acc = 0;
+    int      n = 0;
+
+    uint32_t get(int bits) {
+        while (n < bits) {
+            acc |= (uint64_t) data[pos++] << n;
+            n += 8;
+        }
+        const uint32_t v = (uint32_t) (acc & ((1u << bits) - 1u));
+        acc >>= bits;
+        n -= bits;
+        return v;
+    }
+};
+
+bool bit(const uint8_t * bytes, size_t i) { return (bytes[i / 8] >> (i % 8)) & 1; }
+
+int32_t check_params(const kvggml_codec_params & p, int32_t C) {
+    if (p.levels < 0 || p.levels > kFormatMaxLevels) {
+        return KVGGML_ERROR_LEVELS;
+    }
+    if (C < 1 || C > 0xFFFF || p.group < 1 || p.group > 0xFFFF || C % p.group != 0 || p.rotation < 1 ||
+        (p.rotation & (p.rotation - 1)) != 0 || p.rotation > 32768 || C % p.rotation != 0) {
+        return KVGGML_ERROR_SIZES;
+    }
+    for (int32_t k = 0; k <= p.levels; ++k) {
+        if (p.bits[k] == 1 || p.bits[k] > kMaxBits) {
+            return KVGGML_ERROR_BITS;
+        }
+    }
+    if (!std::isfinite(p.threshold) || p.threshold < 0) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    return KVGGML_OK;
+}
+
+} // namespace
+
+uint16_t fp32_to_fp16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t) ((x >> 16) & 0x8000u);
+    const uint32_t abs = x & 0x7FFFFFFFu;
+    if (abs >= 0x7F800000u) {  // inf or NaN
+        return sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u);
+    }
+    if (abs >= 0x477FF000u) {  // rounds to >= 65520: overflow to infinity
+        return sign | 0x7C00u;
+    }
+    if (abs < 0x38800000u) {  // below the smallest normal f16: subnormal or zero
+        if (abs < 0x33000000u) {  // <= half the smallest subnormal: rounds to 0
+            return sign;
+        }
+        // value / 2^-24 = mant * 2^(exp - 126): drop 126 - exp bits, rounding to nearest even
+        const uint32_t mant = (abs & 0x007FFFFFu) | 0x00800000u;
+        const int drop = 126 - (int) (abs >> 23);
+        const uint32_t half = 1u << (drop - 1);
+        const uint32_t rest = mant & ((1u << drop) - 1u);
+        uint32_t h = mant >> drop;
+        if (rest > half || (rest == half && (h & 1u))) {
+            ++h;
+        }
+        return sign | (uint16_t) h;
+    }
+    // normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even
+    uint32_t h = ((abs >> 13) - ((127u - 15u) << 10));
+    const uint32_t rest = abs & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) {
+        ++h;  // may carry into the exponent, which is the correct result
+    }
+    return sign | (uint16_t) h;
+}
+
+float fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1Fu;
+    const uint32_t mant = h & 0x3FFu;
+    uint32_t x;
+    if (exp == 0x1F) {
+        x = sign | 0x7F800000u | (mant << 13);
+    } else if (exp != 0) {
+        x = sign | ((exp + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        x = sign;
+    } else {  // subnormal: value = mant * 2^-24, exact in float
+        const float v = (float) mant * 0x1p-24f;
+        std::memcpy(&x, &v, 4);
+        x |= sign;
+    }
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+BlockCodec::BlockCodec(const kvggml_codec_params & p, int32_t channels) : params(p), C(channels) {
+    if (check_params(p, channels) != KVGGML_OK) {
+        throw std::invalid_argument("kvggml codec: invalid parameters for " + std::to_string(channels) + " channels");
+    }
+    B = 1 << p.levels;
+    N = C / p.group;
+    work.resize((size_t) B * C);
+    tmp.resize((size_t) B * C);
+    q.resize((size_t) B * C);
+    present.resize((size_t) B * N);
+    scales.reserve((size_t) B * N);
+}
+
+size_t BlockCodec::bound() const {
+    size_t value_bits = 0;
+    for (int32_t k = 0; k <= params.levels; ++k) {
+        value_bits += (size_t) rows_of(B, params.levels, k) * C * params.bits[k];
+    }
+    const size_t groups = (size_t) B * N;
+    return 9 + params.levels + (groups + 7) / 8 + 2 * groups + (value_bits + 7) / 8;
+}
+
+size_t BlockCodec::encode_f16(const uint16_t * rows, size_t row_stride, uint8_t * out) {
+    for (int32_t r = 0; r < B; ++r) {
+        for (int32_t c = 0; c < C; ++c) {
+            work[(size_t) r * C + c] = fp16_to_fp32(rows[r * row_stride + c]);
+        }
+    }
+    return encode(work.data(), out);
+}
+
+size_t BlockCodec::encode(const float * x, uint8_t * out) {
+    const int32_t L = params.levels, G = params.group;
+    if (x != work.data()) {
+        std::memcpy(work.data(), x, sizeof(float) * work.size());
+    }
+    hadamard_rows(work.data(), B, C, params.rotation);
+    haar_forward(work.data(), tmp.data(), B, L, C);
+
+    // reference level of each group: max |A_L| over the approximation rows (section 5)
+    std::vector<float> & ref = tmp;  // tmp is free again after the transform
+    for (int32_t g = 0; g < N; ++g) {
+        float m = 0.0f;
+        for (int32_t r = 0; r < rows_of(B, L, 0); ++r) {
+            for (int32_t j = 0; j < G; ++j) {
+                m = std::max(m, std::fabs(work[(size_t) r * C + g * G + j]));
+            }
+        }
+        ref[g] = m;
+    }
+
+    // header
+    out[0] = kMagic;
+    out[1] = kVersion;
+    out[2] = (uint8_t) L;
+    int log2r = 0;
+    while ((1 << log2r) < params.rotation) {
+        ++log2r;
+    }
+    out[3] = (uint8_t) log2r;
+    out[4] = (uint8_t) (C & 0xFF);
+    out[5] = (uint8_t) (C >> 8);
+    out[6] = (uint8_t) (G & 0xFF);
+    out[7] = (uint8_t) (G >> 8);
+    for (int32_t k = 0; k <= L; ++k) {
+        out[8 + k] = params.bits[k];
+    }
+    size_t pos = 9 + L;
+
+    // pass 1: presence, scales and values of every coded group, in group order
+    size_t n_groups = 0, n_present = 0;
+    scales.clear();  // capacity B * N, reserved once
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = params.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        const int32_t qmax = (1 << (b - 1)) - 1;
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++n_groups) {
+                const float * y = work.data() + (size_t) r * C + g * G;
+                float amax = 0.0f;
+                for (int32_t j = 0; j < G; ++j) {
+                    amax = std::max(amax, std::fabs(y[j]));
+                }
+                const bool is_present = k == 0 ? amax > 0.0f : amax > params.threshold * ref[g];
+                present[n_groups] = is_present;
+                if (!is_present) {
+                    continue;
+                }
+                const float dt = amax / (float) qmax;
+                const float m = std::fmin(dt, 65504.0f);
+                uint16_t h = fp32_to_fp16(m);
+                if (fp16_to_fp32(h) < m) {
+                    ++h;
+                }
+                const float d = fp16_to_fp32(h);
+                scales.push_back(h);
+                for (int32_t j = 0; j < G; ++j) {
+                    const float v = std::fmin(std::fmax(std::rint(y[j] / d), (float) -qmax), (float) qmax);
+                    q[(size_t) r * C + g * G + j] = (int32_t) v;
+                }
+                ++n_present;
+            }
+        }
+    }
+
+    // bitmap
+    const size_t bitmap_bytes = (n_groups + 7) / 8;
+    std::memset(out + pos, 0, bitmap_bytes);
+    for (size_t i = 0; i < n_groups; ++i) {
+        if (present[i]) {
+            out[pos + i / 8] |= (uint8_t) (1u << (i % 8));
+        }
+    }
+    pos += bitmap_bytes;
+    // scales
+    for (const uint16_t h : scales) {
+        out[pos++] = (uint8_t) (h & 0xFF);
+        out[pos++] = (uint8_t) (h >> 8);
+    }
+    // values: present groups in group order, G values each, b bits two's complement
+    BitWriter w{out + pos};
+    size_t i = 0;
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = params.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++i) {
+                if (!present[i]) {
+                    continue;
+                }
+                for (int32_t j = 0; j < G; ++j) {
+                    w.put((uint32_t) q[(size_t) r * C + g * G + j], b);
+                }
+            }
+        }
+    }
+    w.flush();
+    return pos + w.pos;
+}
+
+int32_t BlockCodec::parse_header(const uint8_t * data, size_t size, BlockHeader & h) {
+    if (data == nullptr || size < 8) {
+        return KVGGML_ERROR_TRUNCATED_HEADER;
+    }
+    if (data[0] != kMagic) {
+        return KVGGML_ERROR_MAGIC;
+    }
+    if (data[1] != kVersion) {
+        return KVGGML_ERROR_VERSION;
+    }
+    h.levels = data[2];
+    if (h.levels > kFormatMaxLevels) {
+        return KVGGML_ERROR_LEVELS;
+    }
+    if (size < (size_t) (9 + h.levels)) {
+        return KVGGML_ERROR_TRUNCATED_HEADER;
+    }
+    const int log2r = data[3];
+    h.channels = data[4] | (data[5] << 8);
+    h.group = data[6] | (data[7] << 8);
+    if (h.channels == 0 || h.group == 0 || h.channels % h.group != 0 || log2r > 15 ||
+        h.channels % (1 << log2r) != 0) {
+        return KVGGML_ERROR_SIZES;
+    }
+    h.rotation = 1 << log2r;
+    for (int32_t k = 0; k <= h.levels; ++k) {
+        h.bits[k] = data[8 + k];
+        if (h.bits[k] == 1 || h.bits[k] > kMaxBits) {
+            return KVGGML_ERROR_BITS;
+        }
+    }
+    h.header_bytes = 9 + h.levels;
+    return KVGGML_OK;
+}
+
+int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
+    const int32_t rc = decode_to_work(data, size);
+    if (rc == KVGGML_OK) {
+        std::memcpy(out, work.data(), sizeof(float) * work.size());
+    }
+    return rc;
+}
+
+int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride) {
+    const int32_t rc = decode_to_work(data, size);
+    if (rc != KVGGML_OK) {
+        return rc;
+    }
+    for (int32_t r = 0; r < B; ++r) {
+        for (int32_t c = 0; c < C; ++c) {
+            out[r * row_stride + c] = fp32_to_fp16(work[(size_t) r * C + c]);
+        }
+    }
+    return KVGGML_OK;
+}
+
+int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
+    BlockHeader h;
+    if (const int32_t rc = parse_header(data, size, h); rc != KVGGML_OK) {
+        return rc;
+    }
+    const int32_t L = h.levels, G = h.group;
+    if (h.channels != C || L != params.levels || G != params.group || h.rotation != params.rotation) {
+        return KVGGML_ERROR_ARGUMENT;  // a block of another configuration
+    }
+    size_t pos = h.header_bytes;
+    size_t n_groups = 0, value_bits = 0;
+    for (int32_t k = 0; k <= L; ++k) {
+        if (h.bits[k]) {
+            n_groups += (size_t) rows_of(B, L, k) * N;
+        }
+    }
+    const size_t bitmap_bytes = (n_groups + 7) / 8;
+    if (size < pos + bitmap_bytes) {
+        return KVGGML_ERROR_TRUNCATED_BITMAP;
+    }
+    const uint8_t * bitmap = data + pos;
+    if (n_groups % 8 && (bitmap[bitmap_bytes - 1] >> (n_groups % 8))) {
+        return KVGGML_ERROR_PADDING;
+    }
+    pos += bitmap_bytes;
+    size_t n_present = 0;
+    {
+        size_t i = 0;
+        for (int32_t k = 0; k <= L; ++k) {
+            if (!h.bits[k]) {
+                continue;
+            }
+            for (size_t n = 0; n < (size_t) rows_of(B, L, k) * N; ++n, ++i) {
+                if (bit(bitmap, i)) {
+                    ++n_present;
+                    value_bits += (size_t) G * h.bits[k];
+                }
+            }
+        }
+    }
+    if (size < pos + 2 * n_present) {
+        return KVGGML_ERROR_TRUNCATED_SCALES;
+    }
+    const uint8_t * scales = data + pos;
+    for (size_t s = 0; s < n_present; ++s) {
+        const uint16_t v = scales[2 * s] | (scales[2 * s + 1] << 8);
+        if ((v & 0x7C00u) == 0x7C00u) {
+            return KVGGML_ERROR_SCALE_NONFINITE;
+        }
+        if (v == 0 || (v & 0x8000u)) {
+            return KVGGML_ERROR_SCALE_NONPOSITIVE;
+        }
+    }
+    pos += 2 * n_present;
+    const size_t value_bytes = (value_bits + 7) / 8;
+    if (size < pos + value_bytes) {
+        return KVGGML_ERROR_TRUNCATED_DATA;
+    }
+    if (size > pos + value_bytes) {
+        return KVGGML_ERROR_TRAILING;
+    }
+    if (value_bits % 8 && (data[pos + value_bytes - 1] >> (value_bits % 8))) {
+        return KVGGML_ERROR_PADDING;
+    }
+
+    std::fill(work.begin(), work.end(), 0.0f);
+    BitReader rd{data + pos};
+    size_t i = 0, s = 0;
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = h.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++i) {
+                if (!bit(bitmap, i)) {
+                    continue;
+                }
+                const float d = fp16_to_fp32((uint16_t) (scales[2 * s] | (scales[2 * s + 1] << 8)));
+                ++s;
+                for (int32_t j = 0; j < G; ++j) {
+                    const uint32_t raw = rd.get(b);
+                    if (raw == (1u << (b - 1))) {
+                        return KVGGML_ERROR_VALUE;  // -2^(b-1) is never produced
+                    }
+                    const int32_t v = (raw & (1u << (b - 1))) ? (int32_t) raw - (1 << b) : (int32_t) raw;
+                    work[(size_t) r * C + g * G + j] = (float) v * d;
+                }
+            }
+        }
+    }
+    haar_inverse(work.data(), tmp.data(), B, L, C);
+    hadamard_rows(work.data(), B, C, h.rotation);
+    return KVGGML_OK;
+}
+
+} // namespace kvggml
+
+using kvggml::BlockCodec;
+
+const char * kvggml_error_name(int32_t code) {
+    switch (code) {
+        case KVGGML_OK:                       return "ok";
+        case KVGGML_ERROR_ARGUMENT:           return "invalid argument";
+        case KVGGML_ERROR_CAPACITY:           return "output buffer too small";
+        case KVGGML_ERROR_TRUNCATED_HEADER:   return "truncated header";
+        case KVGGML_ERROR_MAGIC:              return "bad magic";
+        case KVGGML_ERROR_VERSION:            return "unsupported version";
+        case KVGGML_ERROR_LEVELS:             return "levels out of range";
+        case KVGGML_ERROR_SIZES:              return "inconsistent sizes";
+        case KVGGML_ERROR_BITS:               return "bits out of range";
+        case KVGGML_ERROR_TRUNCATED_BITMAP:   return "truncated presence bitmap";
+        case KVGGML_ERROR_TRUNCATED_SCALES:   return "truncated scales";
+        case KVGGML_ERROR_TRUNCATED_DATA:     return "truncated data";
+        case KVGGML_ERROR_TRAILING:           return "trailing bytes";
+        case KVGGML_ERROR_PADDING:            return "nonzero padding";
+        case KVGGML_ERROR_SCALE_NONFINITE:    return "non-finite scale";
+        case KVGGML_ERROR_SCALE_NONPOSITIVE:  return "non-positive scale";
+        case KVGGML_ERROR_VALUE:              return "value out of range";
+        case KVGGML_ERROR_NONFINITE_INPUT:    return "non-finite input";
+        default:                              return "unknown error";
+    }
+}
+
+size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t channels) {
+    if (params == nullptr || kvggml::check_params(*params, channels) != KVGGML_OK) {
+        return 0;
+    }
+    return BlockCodec(*params, channels).bound();
+}
+
+int64_t kvggml_codec_encode_block(const kvggml_codec_params * params, const float * x, int32_t channels,
+                                  uint8_t * out, size_t out_capacity) {
+    if (params == nullptr || x == nullptr || out == nullptr) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    if (const int32_t rc = kvggml::check_params(*params, channels); rc != KVGGML_OK) {
+        return rc;
+    }
+    BlockCodec codec(*params, channels);
+    const size_t n = (size_t) codec.block_tokens() * channels;
+    for (size_t i = 0; i < n; ++i) {
+        if (!std::isfinite(x[i])) {
+            return KVGGML_ERROR_NONFINITE_INPUT;
+        }
+    }
+    if (out_capacity < codec.bound()) {
+        return KVGGML_ERROR_CAPACITY;
+    }
+    return (int64_t) codec.encode(x, out);
+}
+
+int32_t kvggml_codec_decode_block(const uint8_t * data, size_t size, int32_t channels,
+                                  float * out, size_t out_capacity_floats, int32_t * out_tokens) {
+    kvggml::BlockHeader h;
+    if (const int32_t rc = BlockCodec::parse_header(data, size, h); rc != KVGGML_OK) {
+        return rc;
+    }
+    if (out == nullptr || h.channels != channels) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    kvggml_codec_params params{};
+    params.levels = h.levels;
+    params.group = h.group;
+    params.rotation = h.rotation;
+    std::copy(h.bits, h.bits + h.levels + 1, params.bits);
+    BlockCodec codec(params, channels);
+    if (out_capacity_floats < (size_t) codec.block_tokens() * channels) {
+        return KVGGML_ERROR_CAPACITY;
+    }
+    if (out_tokens) {
+        *out_tokens = codec.block_tokens();
+    }
+    return codec.decode(data, size, out);
+}
