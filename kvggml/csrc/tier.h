@@ -1,0 +1,85 @@
+// The compressed tier of one llama_kv_cache.
+//
+// Tokens older than the exact window are encoded block by block (B = 2^level tokens,
+// every layer's K and V, docs/FORMAT.md) and their f16 cells are freed. Attention
+// reads the tier through one custom ggml op per layer and tensor that decodes that
+// layer only, so at most one layer's worth is ever expanded at a time.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "codec.h"
+#include "config.h"
+#include "llama.h"
+
+struct ggml_tensor;
+class llama_kv_cache;
+
+namespace kvggml {
+
+// One compressed block: B consecutive tokens of one sequence.
+struct Block {
+    llama_seq_id seq;
+    llama_pos    p0;  // first position
+    llama_pos    p1;  // one past the last position
+};
+
+// The encoded bytes of every block for one layer's K or V.
+struct Stream {
+    std::vector<uint8_t> bytes;
+    std::vector<size_t>  offsets{0};  // block b is bytes[offsets[b] .. offsets[b+1])
+};
+
+class Tier;
+
+// What the decode op of one layer's K or V needs; addresses stay fixed for the tier's life.
+struct LayerView {
+    Tier *  tier;
+    int32_t ikv;        // layer index inside the cache
+    bool    is_v;
+    bool    transposed; // V stored transposed (no flash attention)
+};
+
+class Tier {
+public:
+    Tier(const Config & config, llama_kv_cache & kv, uint32_t n_ctx_seq);
+
+    // After a micro-batch: encode every whole block of old tokens, free their cells.
+    void compress();
+
+    void clear();
+    bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+    const Config & config() const { return cfg; }
+    const std::vector<Block> & blocks() const { return blks; }
+    uint32_t n_tokens() const { return (uint32_t) blks.size() * cfg.block_tokens(); }
+    size_t   compressed_bytes() const;
+    size_t   exact_bytes() const;  // the f16 cells of the cache, K and V, all layers
+    // Changes whenever the set of blocks does, so graphs built for another set are not reused.
+    uint64_t generation() const { return gen; }
+
+    // Custom-op bodies: decode layer `view` into dst, blocks split across threads.
+    void decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const;
+    const LayerView * view(int32_t il, bool is_v) const;
+
+    llama_kv_cache & kv;
+    std::atomic<uint64_t> encode_us{0};
+    mutable std::atomic<uint64_t> decode_us{0};
+
+private:
+    Config cfg;
+    kvggml_codec_params params_k{};
+    kvggml_codec_params params_v{};
+    std::vector<Block>  blks;
+    std::vector<Stream> k_streams;  // per cache layer
+    std::vector<Stream> v_streams;
+    std::vector<LayerView> views;   // 2 per cache layer: K, V
+    uint64_t gen = 0;
+
+    void erase_blocks(const std::vector<bool> & drop);
+};
+
+} // namespace kvggml

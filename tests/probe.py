@@ -1,0 +1,52 @@
+"""Run the default model in a process of its own and report what happened, as JSON.
+
+Tests that need the patched library (the pytest process holds stock llama.cpp) or
+their own environment run this file:
+    python tests/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
+Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+import numpy as np
+
+from kvggml.library import load_llama_cpp
+from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    llama_cpp = load_llama_cpp()
+    if not args.get("show_logs"):
+        silence_llama_logs(llama_cpp)
+    from kvggml.native import stats_or_none
+
+    report: dict = {}
+    try:
+        run = Runner(llama_cpp, default_model_path(), n_ctx=args["n_ctx"], n_batch=args.get("n_batch", 512),
+                     n_threads=2)
+    except RuntimeError as err:
+        print(json.dumps({"error": str(err)}))
+        return
+    with run:
+        tokens = run.tokenize(default_text())[: args["tokens"]]
+        n_logits = args.get("logits_last", 0)
+        head = tokens[: len(tokens) - n_logits]
+        run.decode(head, 0)
+        report["stats_after_prefix"] = stats_or_none(llama_cpp, run.ctx)
+        if n_logits:
+            logits = run.decode(tokens[len(head):], len(head), want_logits=True)
+            np.save(args["out"], logits)
+        report["stats"] = stats_or_none(llama_cpp, run.ctx)
+        report["n_ctx"] = llama_cpp.llama_n_ctx(run.ctx)
+        report["can_shift"] = bool(llama_cpp.llama_memory_can_shift(run.memory))
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

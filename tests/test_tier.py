@@ -1,0 +1,108 @@
+"""The compressed tier inside the patched llama.cpp, on the default model.
+
+Each run is its own process (tests/probe.py): stock and patched libllama cannot share one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+
+PROBE = Path(__file__).with_name("probe.py")
+# Small but real: 1536 tokens with a 256-token window crosses the threshold many times.
+N_CTX, TOKENS, LAST, WINDOW = 4096, 1536, 64, 256
+
+
+def probe(tmp_path: Path, lib: str, compression: dict | None = None, **args) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    env["KVGGML_LIB"] = lib
+    env.update(compression or {})
+    params = {"n_ctx": N_CTX, "tokens": TOKENS, "logits_last": LAST, "out": str(tmp_path / f"{lib}-{len(os.listdir(tmp_path))}.npy"), **args}
+    res = subprocess.run([sys.executable, str(PROBE), json.dumps(params)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    report["stderr"] = res.stderr
+    if "error" not in report and params["logits_last"]:
+        report["logits"] = np.load(params["out"])
+    return report
+
+
+def mean_kld(reference: np.ndarray, other: np.ndarray) -> float:
+    p = log_softmax(reference.astype(np.float64), axis=-1)
+    q = log_softmax(other.astype(np.float64), axis=-1)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+ON = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_THRESHOLD": str(WINDOW)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tier")
+    return {
+        "stock": probe(tmp, "stock"),
+        "patched-off": probe(tmp, "patched", {"OLLAMA_KV_COMPRESSION": "0"}),
+        "hi": probe(tmp, "patched", {**ON, "OLLAMA_KV_COMPRESSION_PRESET": "hi"}),
+        "balanced": probe(tmp, "patched", ON),
+    }
+
+
+def test_compression_off_is_bit_identical_to_stock(runs):
+    assert np.array_equal(runs["patched-off"]["logits"], runs["stock"]["logits"])
+    assert runs["patched-off"]["stats"]["enabled"] == 0
+
+
+def test_long_prompt_is_compressed_while_it_is_read(runs):
+    stats = runs["balanced"]["stats"]
+    # positions 4 .. TOKENS-WINDOW-1 are old; whole 16-token blocks of them are compressed
+    assert stats["compressed_tokens"] == (TOKENS - 4 - WINDOW) // 16 * 16
+    assert stats["blocks"] * 16 == stats["compressed_tokens"]
+    # the cache was sized for sinks + window + block + batch, far below n_ctx: the prompt only fit
+    # because blocks were compressed between micro-batches
+    assert stats["exact_cells"] == 1024 < TOKENS
+    before = runs["balanced"]["stats_after_prefix"]
+    assert 0 < before["compressed_tokens"] <= stats["compressed_tokens"]
+
+
+def test_memory_accounting_shows_the_saving(runs):
+    stats = runs["balanced"]["stats"]
+    f16_bytes_for_n_ctx = stats["exact_bytes"] * N_CTX // stats["exact_cells"]
+    total = stats["exact_bytes"] + stats["compressed_bytes"]
+    # stock allocates f16 cells for all of n_ctx; the tier allocates 1024 cells plus what it holds
+    assert total < 0.4 * f16_bytes_for_n_ctx
+    bits = 8 * stats["compressed_bytes"] / (stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"] / 2)
+    assert 3.3 < bits < 3.8  # the balanced preset's 3.55 bits per element
+
+
+def test_compression_on_stays_within_its_quality_bound(runs):
+    reference = runs["stock"]["logits"]
+    kld_hi = mean_kld(reference, runs["hi"]["logits"])
+    kld_balanced = mean_kld(reference, runs["balanced"]["logits"])
+    assert 0 < kld_hi < 0.02
+    assert 0 < kld_balanced < 0.05
+    assert kld_hi < kld_balanced
+
+
+def test_compressed_cache_refuses_shift(runs):
+    assert runs["patched-off"]["can_shift"] is True
+    assert runs["balanced"]["can_shift"] is False
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("OLLAMA_KV_COMPRESSION_LEVEL", "9", "OLLAMA_KV_COMPRESSION_LEVEL='9' is out of range: expected an integer from 1 to 6"),
+    ("OLLAMA_KV_COMPRESSION", "yes", "OLLAMA_KV_COMPRESSION='yes' is not an integer: expected an integer from 0 to 1"),
+    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of hi, balanced, lo"),
+])
+def test_bad_value_fails_context_creation_with_its_name(tmp_path, name, value, message):
+    report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0, show_logs=True)
+    assert "could not create a context" in report["error"]
+    assert message in report["stderr"]
