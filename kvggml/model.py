@@ -68,7 +68,7 @@ class Runner:
     """One model and one context, driven through llama.cpp's C API (no sampling, no chat template)."""
 
     def __init__(self, llama_cpp: ModuleType, model_path: Path, n_ctx: int, n_batch: int = 512,
-                 type_k: int = 1, type_v: int = 1, n_threads: int | None = None):
+                 type_k: int = 1, type_v: int = 1, n_threads: int | None = None, flash_attn: bool = True):
         self.lib = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -81,8 +81,9 @@ class Runner:
         cparams.n_ubatch = n_batch
         cparams.type_k = type_k
         cparams.type_v = type_v
-        # Quantized V needs flash attention; use it everywhere so all rows run the same kernel.
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Quantized V needs flash attention; the evaluator uses it everywhere so all rows run the same kernel.
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)

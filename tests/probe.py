@@ -28,7 +28,7 @@ def main() -> None:
     report: dict = {}
     try:
         run = Runner(llama_cpp, default_model_path(), n_ctx=args["n_ctx"], n_batch=args.get("n_batch", 512),
-                     n_threads=2)
+                     n_threads=2, flash_attn=args.get("flash_attn", True))
     except RuntimeError as err:
         print(json.dumps({"error": str(err)}))
         return

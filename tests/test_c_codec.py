@@ -1,7 +1,8 @@
-"""The C codec (kvggml/csrc/codec.cpp) against the golden vectors and the numpy reference.
+"""The C codec (kvggml/csrc/codec.cpp, docs/FORMAT.md) against the golden vectors and the numpy reference.
 
 Checked twice: in a library compiled from the source alone (fast, in this process), and
 in the patched libllama itself (in a subprocess: the pytest process holds stock libllama).
+The checks take a loaded library (`bind(path)`), so any build of the C API can be tested.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvggml.library import library_dir
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS = REPO / "tests" / "vectors"
+STRIDE_PAD = 5  # extra f16 elements between rows, to exercise the row stride
 
 
 class Params(ctypes.Structure):
@@ -30,14 +32,24 @@ class Params(ctypes.Structure):
 
 def bind(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
-    lib.kvggml_error_name.restype = ctypes.c_char_p
-    lib.kvggml_codec_block_bound.restype = ctypes.c_size_t
-    lib.kvggml_codec_encode_block.restype = ctypes.c_int64
-    lib.kvggml_codec_encode_block.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_int32,
-                                              ctypes.c_void_p, ctypes.c_size_t]
-    lib.kvggml_codec_decode_block.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_void_p,
-                                              ctypes.c_size_t, ctypes.POINTER(ctypes.c_int32)]
+    ptr, size, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32
+    params = ctypes.POINTER(Params)
+    signatures = {
+        "kvggml_error_name": (ctypes.c_char_p, [i32]),
+        "kvggml_codec_block_bound": (size, [params, i32]),
+        "kvggml_codec_encode_block": (ctypes.c_int64, [params, ptr, i32, ptr, size]),
+        "kvggml_codec_encode_block_f16": (ctypes.c_int64, [params, ptr, size, i32, ptr, size]),
+        "kvggml_codec_decode_block": (i32, [ctypes.c_char_p, size, i32, ptr, size, ctypes.POINTER(i32)]),
+        "kvggml_codec_decode_block_f16": (i32, [ctypes.c_char_p, size, i32, ptr, size, size, ctypes.POINTER(i32)]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+def error_name(lib, code: int) -> str:
+    return lib.kvggml_error_name(code).decode()
 
 
 def make_params(levels: int, group: int, rotation: int, threshold: float, bits) -> Params:
@@ -52,7 +64,19 @@ def encode(lib, params: Params, x: np.ndarray) -> bytes:
     cap = lib.kvggml_codec_block_bound(ctypes.byref(params), x.shape[1])
     out = ctypes.create_string_buffer(cap)
     n = lib.kvggml_codec_encode_block(ctypes.byref(params), x.ctypes.data, x.shape[1], out, cap)
-    assert n > 0, lib.kvggml_error_name(int(n)).decode()
+    assert n > 0, error_name(lib, n)
+    return out.raw[:n]
+
+
+def encode_f16(lib, params: Params, x: np.ndarray) -> bytes:
+    """Encode f16 rows stored with a stride wider than the row."""
+    tokens, channels = x.shape
+    rows = np.zeros((tokens, channels + STRIDE_PAD), np.float16)
+    rows[:, :channels] = x
+    cap = lib.kvggml_codec_block_bound(ctypes.byref(params), channels)
+    out = ctypes.create_string_buffer(cap)
+    n = lib.kvggml_codec_encode_block_f16(ctypes.byref(params), rows.ctypes.data, rows.shape[1], channels, out, cap)
+    assert n > 0, error_name(lib, n)
     return out.raw[:n]
 
 
@@ -61,6 +85,31 @@ def decode(lib, data: bytes, channels: int, tokens_max: int = 256) -> tuple[int,
     tokens = ctypes.c_int32(0)
     rc = lib.kvggml_codec_decode_block(data, len(data), channels, out.ctypes.data, out.size, ctypes.byref(tokens))
     return rc, (out[: tokens.value * channels].reshape(tokens.value, channels) if rc == 0 else None)
+
+
+def decode_f16(lib, data: bytes, channels: int, tokens_max: int = 256) -> tuple[int, np.ndarray | None]:
+    """Decode into f16 rows with a stride; the gaps between rows must stay untouched."""
+    sentinel = 0x7E01  # a NaN pattern the decoder never writes
+    out = np.full((tokens_max, channels + STRIDE_PAD), sentinel, np.uint16)
+    tokens = ctypes.c_int32(0)
+    rc = lib.kvggml_codec_decode_block_f16(data, len(data), channels, out.ctypes.data, out.shape[1], out.size,
+                                           ctypes.byref(tokens))
+    if rc != 0:
+        return rc, None
+    assert np.all(out[:, channels:] == sentinel) and np.all(out[tokens.value:] == sentinel), "wrote outside the rows"
+    return rc, out[: tokens.value, :channels]
+
+
+def assert_decodes_to(lib, data: bytes, channels: int, want: np.ndarray, what: str) -> None:
+    """Decoded float32 bit for bit, and its f16 rounding as numpy's astype(np.float16)."""
+    rc, out = decode(lib, data, channels)
+    assert rc == 0, f"{what}: {error_name(lib, rc)}"
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), f"{what}: decoded values differ"
+    rc, out16 = decode_f16(lib, data, channels)
+    assert rc == 0, f"{what}: {error_name(lib, rc)}"
+    with np.errstate(over="ignore"):
+        want16 = want.astype(np.float16)
+    assert np.array_equal(out16, want16.view(np.uint16)), f"{what}: decoded f16 values differ"
 
 
 def manifest_cases():
@@ -73,13 +122,13 @@ def manifest_cases():
 def check_vectors(lib) -> int:
     count = 0
     for name, L, G, R, C, threshold, bits in manifest_cases():
-        x = np.fromfile(VECTORS / f"{name}.in.bin", dtype="<f2").astype(np.float32).reshape(1 << L, C)
+        x16 = np.fromfile(VECTORS / f"{name}.in.bin", dtype="<f2").reshape(1 << L, C)
         expected = (VECTORS / f"{name}.bin").read_bytes()
-        assert encode(lib, make_params(L, G, R, threshold, bits), x) == expected, f"{name}: bytes differ"
-        rc, out = decode(lib, expected, C)
-        assert rc == 0, f"{name}: {lib.kvggml_error_name(rc).decode()}"
+        params = make_params(L, G, R, threshold, bits)
+        assert encode(lib, params, x16.astype(np.float32)) == expected, f"{name}: bytes differ"
+        assert encode_f16(lib, params, x16) == expected, f"{name}: bytes from f16 rows differ"
         want = np.fromfile(VECTORS / f"{name}.out.bin", dtype="<f4").reshape(1 << L, C)
-        assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), f"{name}: decoded values differ"
+        assert_decodes_to(lib, expected, C, want, name)
         count += 1
     return count
 
@@ -92,33 +141,54 @@ def check_invalid(lib) -> int:
         file, word = line.split("\t")
         data = (VECTORS / "invalid" / file).read_bytes()
         channels = int.from_bytes(data[4:6], "little") if len(data) >= 6 else 1
-        rc, _ = decode(lib, data, channels)
-        assert rc < 0, f"{file} was accepted"
-        name = lib.kvggml_error_name(rc).decode()
-        assert word in name, f"{file}: rejected as {name!r}, expected {word!r}"
+        for decoder in (decode, decode_f16):
+            rc, _ = decoder(lib, data, channels)
+            assert rc < 0, f"{file} was accepted by {decoder.__name__}"
+            assert word in error_name(lib, rc), f"{file}: rejected as {error_name(lib, rc)!r}, expected {word!r}"
         count += 1
     return count
 
 
-@pytest.fixture(scope="module")
-def standalone(tmp_path_factory) -> ctypes.CDLL:
+def pack_block(levels: int, group: int, bits, scales: np.ndarray, q: np.ndarray) -> bytes:
+    """A block with every group present and no rotation, written straight from FORMAT.md section 6."""
+    channels = q.shape[1]
+    header = bytes([0x57, 1, levels, 0]) + channels.to_bytes(2, "little") + group.to_bytes(2, "little") + bytes(bits)
+    n_groups = scales.size
+    bitmap = np.packbits(np.ones(n_groups, np.uint8), bitorder="little").tobytes()
+    # rows in Mallat order: row r belongs to the subband k with first_row(k) <= r
+    widths = [bits[0]] + [bits[k] for k in range(1, levels + 1) for _ in range(1 << (k - 1))]
+    stream = np.concatenate([((q[r].astype(np.int64)[:, None] >> np.arange(b)) & 1).ravel()
+                             for r, b in enumerate(widths)]).astype(np.uint8)
+    values = np.packbits(stream, bitorder="little").tobytes()
+    return header + bitmap + scales.astype("<u2").tobytes() + values
+
+
+@pytest.fixture(scope="session")
+def standalone_path(tmp_path_factory) -> str:
+    """libkvggml_codec.so compiled from codec.cpp alone, as libllama compiles it."""
     if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed")
+        pytest.skip("g++ is not installed: cannot build the codec library")
     out = tmp_path_factory.mktemp("codec") / "libkvggml_codec.so"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-I",
-                    str(REPO / "kvggml/csrc/include"), str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(out)], check=True)
-    return bind(str(out))
+    subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
+                    "-I", str(REPO / "kvggml/csrc/include"), "-I", str(REPO / "kvggml/csrc"),
+                    str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(out)], check=True)
+    return str(out)
 
 
-def test_golden_vectors(standalone):
-    assert check_vectors(standalone) >= 15
+@pytest.fixture(scope="session")
+def codec_lib(standalone_path) -> ctypes.CDLL:
+    return bind(standalone_path)
 
 
-def test_malformed_blocks_are_rejected(standalone):
-    assert check_invalid(standalone) >= 20
+def test_golden_vectors(codec_lib):
+    assert check_vectors(codec_lib) >= 15
 
 
-def test_random_blocks_match_the_reference(standalone):
+def test_malformed_blocks_are_rejected(codec_lib):
+    assert check_invalid(codec_lib) >= 20
+
+
+def test_random_blocks_match_the_reference(codec_lib):
     rng = np.random.default_rng(7)
     for _ in range(300):
         levels = int(rng.integers(0, 6))
@@ -128,14 +198,48 @@ def test_random_blocks_match_the_reference(standalone):
         bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
         hadamard = bool(rng.integers(0, 2))
         threshold = float(rng.choice([0.0, 0.25, 0.5]))
-        x = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
-        x = x.astype(np.float32)
+        x16 = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
+        x = x16.astype(np.float32)
         ref = HaarCodec(levels=levels, bits=bits, hadamard=hadamard, group=group, threshold=threshold)
         data = ref.encode_block(x, head_dim)
-        got = encode(standalone, make_params(levels, group, head_dim if hadamard else 1, threshold, bits), x)
-        assert got == data, ref.spec()
-        rc, out = decode(standalone, data, channels)
-        assert rc == 0 and np.array_equal(out.view(np.uint32), decode_block(data).view(np.uint32)), ref.spec()
+        params = make_params(levels, group, head_dim if hadamard else 1, threshold, bits)
+        assert encode(codec_lib, params, x) == data, ref.spec()
+        assert encode_f16(codec_lib, params, x16) == data, ref.spec()
+        assert_decodes_to(codec_lib, data, channels, decode_block(data), ref.spec())
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2])
+def test_f16_rounding_of_any_scale_and_value(codec_lib, levels):
+    # 16-bit values times every kind of f16 scale (subnormal to 65504) reach f16 subnormals,
+    # halfway cases and overflow to infinity; the Haar steps add inexact values
+    rng = np.random.default_rng(levels)
+    tokens, channels = 1 << levels, 4096
+    scales = rng.integers(1, 0x7C00, size=(tokens, channels), dtype=np.uint16)
+    q = rng.integers(-32767, 32768, size=(tokens, channels))
+    q[:, ::7] = rng.integers(-8, 9, size=q[:, ::7].shape)  # small products: subnormal results
+    data = pack_block(levels, 1, [16] * (levels + 1), scales, q)
+    assert_decodes_to(codec_lib, data, channels, decode_block(data), f"levels={levels}")
+
+
+def test_api_contract(codec_lib):
+    params = make_params(2, 8, 16, 0.0, [8, 4, 3])
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    data = encode(codec_lib, params, x)
+    assert len(data) <= codec_lib.kvggml_codec_block_bound(ctypes.byref(params), 32)
+    assert codec_lib.kvggml_codec_block_bound(ctypes.byref(params), 33) == 0
+
+    def encode_rc(x, cap=10_000):
+        out = ctypes.create_string_buffer(cap)
+        return codec_lib.kvggml_codec_encode_block(ctypes.byref(params), x.ctypes.data, 32, out, cap)
+
+    x_inf = x.copy()
+    x_inf[3, 31] = np.inf
+    assert "non-finite input" in error_name(codec_lib, encode_rc(x_inf))
+    assert "too small" in error_name(codec_lib, encode_rc(x, cap=len(data) - 1))
+    assert "invalid argument" in error_name(codec_lib, decode(codec_lib, data, 64)[0])  # another channel count
+    out = np.empty(4 * 32 - 1, np.float32)
+    rc = codec_lib.kvggml_codec_decode_block(data, len(data), 32, out.ctypes.data, out.size, None)
+    assert "too small" in error_name(codec_lib, rc)
 
 
 def test_the_patched_library_carries_the_same_codec():

@@ -32,7 +32,7 @@ def test_codec_rows_compress_only_old_whole_blocks(report):
     # 384 tokens - 4 sinks - 128 window = 252 old tokens -> 15 blocks of 16
     assert report["haar"]["compressed_tokens"] == 240
     assert report["evict"]["compressed_tokens"] == 252  # token by token: no blocks
-    assert 4.0 < report["haar"]["bits_per_element"] < 4.6
+    assert 3.4 < report["haar"]["bits_per_element"] < 3.7
     assert report["haar-lo"]["kv_ratio_f16"] < report["haar"]["kv_ratio_f16"] < 1.0
 
 

@@ -53,6 +53,8 @@ def runs(tmp_path_factory):
         "patched-off": probe(tmp, "patched", {"OLLAMA_KV_COMPRESSION": "0"}),
         "hi": probe(tmp, "patched", {**ON, "OLLAMA_KV_COMPRESSION_PRESET": "hi"}),
         "balanced": probe(tmp, "patched", ON),
+        "stock-no-fa": probe(tmp, "stock", flash_attn=False),
+        "balanced-no-fa": probe(tmp, "patched", ON, flash_attn=False),
     }
 
 
@@ -90,6 +92,33 @@ def test_compression_on_stays_within_its_quality_bound(runs):
     assert 0 < kld_hi < 0.02
     assert 0 < kld_balanced < 0.05
     assert kld_hi < kld_balanced
+
+
+def test_flash_attention_off_reads_the_same_tier(runs):
+    # without flash attention V is stored transposed: the tier encodes and decodes it transposed
+    untimed = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_us")}  # noqa: E731
+    assert untimed(runs["balanced-no-fa"]["stats"]) == untimed(runs["balanced"]["stats"])
+    kld_fa = mean_kld(runs["stock"]["logits"], runs["balanced"]["logits"])
+    kld_no_fa = mean_kld(runs["stock-no-fa"]["logits"], runs["balanced-no-fa"]["logits"])
+    # a transposition error would scramble V and multiply the divergence, not shift it a little
+    assert 0 < kld_no_fa < 2 * kld_fa
+
+
+def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, model_path, text):
+    from kvggml.evaluate import Row, evaluate
+
+    n_prefill, n_score = 2048, 512
+    # the prefix in one micro-batch, as the offline evaluator reads it: compression happens after
+    # it, so both runs compress the same exact K/V and differ only in where the codec runs
+    args = dict(n_ctx=n_prefill + n_score, n_batch=n_prefill, tokens=n_prefill + n_score, logits_last=n_score)
+    stock = probe(tmp_path, "stock", **args)
+    native = probe(tmp_path, "patched", {"OLLAMA_KV_COMPRESSION": "1"}, **args)
+    offline = evaluate(llama_cpp, model_path, text, [Row.parse("haar")], n_prefill=n_prefill, n_score=n_score,
+                       window=512, sinks=4, n_threads=2)["rows"][0]
+    # the same blocks, the same codec bit for bit: same tokens compressed, KLD within 20 %
+    assert native["stats_after_prefix"]["compressed_tokens"] == offline["compressed_tokens"] == 1520
+    native_kld = mean_kld(stock["logits"], native["logits"])
+    assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
 
 
 def test_compressed_cache_refuses_shift(runs):

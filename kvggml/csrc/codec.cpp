@@ -14,14 +14,18 @@ namespace kvggml {
 
 namespace {
 
-constexpr uint8_t kMagic   = 0x57;  // 'W'
-constexpr uint8_t kVersion = 1;
-constexpr int     kMaxBits = 16;
+constexpr uint8_t kMagic    = 0x57;  // 'W'
+constexpr uint8_t kVersion  = 1;
+constexpr int     kMaxBits  = 16;
 constexpr float   kSqrtHalf = 0x1.6a09e6p-1f;  // (float)(1/sqrt(2))
+constexpr float   kF16Max   = 65504.0f;
 
+// Subband k's rows in the transformed block (Mallat order, section 3).
 int32_t rows_of(int32_t B, int32_t L, int32_t k) { return k == 0 ? B >> L : B >> (L + 1 - k); }
 int32_t first_row(int32_t B, int32_t L, int32_t k) { return k == 0 ? 0 : B >> (L + 1 - k); }
 
+// Section 2. The butterflies of one stage touch disjoint pairs, so visiting them span by span
+// (instead of testing j & h) gives the same values and a contiguous inner loop.
 void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
     if (R <= 1) {
         return;
@@ -31,11 +35,13 @@ void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
         for (int32_t run = 0; run < C; run += R) {
             float * v = x + (size_t) row * C + run;
             for (int32_t h = 1; h < R; h *= 2) {
-                for (int32_t j = 0; j < R; ++j) {
-                    if ((j & h) == 0) {
-                        const float a = v[j], b = v[j + h];
-                        v[j] = a + b;
-                        v[j + h] = a - b;
+                for (int32_t span = 0; span < R; span += 2 * h) {
+                    float * lo = v + span;
+                    float * hi = lo + h;
+                    for (int32_t j = 0; j < h; ++j) {
+                        const float a = lo[j], b = hi[j];
+                        lo[j] = a + b;
+                        hi[j] = a - b;
                     }
                 }
             }
@@ -46,7 +52,7 @@ void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
     }
 }
 
-// Haar along rows (tokens), every channel at once: contiguous inner loops over channels.
+// Section 3 along rows (tokens), every channel at once: contiguous inner loops over channels.
 void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
     for (int32_t l = 1; l <= L; ++l) {
         const int32_t n = B >> (l - 1);
@@ -81,12 +87,12 @@ void haar_inverse(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
     }
 }
 
-// LSB-first bit stream (FORMAT.md section 6).
+// LSB-first bit stream (section 6).
 struct BitWriter {
     uint8_t * out;
-    size_t    pos = 0;   // bytes written
+    size_t    pos = 0;  // bytes written
     uint64_t  acc = 0;
-    int       n = 0;     // bits in acc
+    int       n   = 0;  // bits in acc, < 8 between calls
 
     void put(uint32_t value, int bits) {
         acc |= (uint64_t) (value & ((1u << bits) - 1u)) << n;
@@ -97,20 +103,23 @@ struct BitWriter {
             n -= 8;
         }
     }
+
     void flush() {
         if (n > 0) {
-            out[pos++] = (uint8_t) acc;  // high bits are 0
+            out[pos++] = (uint8_t) acc;  // the high bits are 0: padding
             acc = 0;
-            n = 0;
+            n   = 0;
         }
     }
 };
 
+// Reads only the bytes holding the bits asked for, so a stream whose length was checked
+// against the bits it must hold is never overrun.
 struct BitReader {
     const uint8_t * data;
-    size_t   pos = 0;
-    uint64_t acc = 0;
-    int      n = 0;
+    size_t          pos = 0;
+    uint64_t        acc = 0;
+    int             n   = 0;
 
     uint32_t get(int bits) {
         while (n < bits) {
@@ -126,12 +135,16 @@ struct BitReader {
 
 bool bit(const uint8_t * bytes, size_t i) { return (bytes[i / 8] >> (i % 8)) & 1; }
 
+uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
+
+} // namespace
+
 int32_t check_params(const kvggml_codec_params & p, int32_t C) {
     if (p.levels < 0 || p.levels > kFormatMaxLevels) {
         return KVGGML_ERROR_LEVELS;
     }
     if (C < 1 || C > 0xFFFF || p.group < 1 || p.group > 0xFFFF || C % p.group != 0 || p.rotation < 1 ||
-        (p.rotation & (p.rotation - 1)) != 0 || p.rotation > 32768 || C % p.rotation != 0) {
+        (p.rotation & (p.rotation - 1)) != 0 || C % p.rotation != 0) {
         return KVGGML_ERROR_SIZES;
     }
     for (int32_t k = 0; k <= p.levels; ++k) {
@@ -145,209 +158,19 @@ int32_t check_params(const kvggml_codec_params & p, int32_t C) {
     return KVGGML_OK;
 }
 
-} // namespace
-
-uint16_t fp32_to_fp16(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint16_t sign = (uint16_t) ((x >> 16) & 0x8000u);
-    const uint32_t abs = x & 0x7FFFFFFFu;
-    if (abs >= 0x7F800000u) {  // inf or NaN
-        return sign | (abs > 0x7F800000u ? 0x7E00u : 0x7C00u);
-    }
-    if (abs >= 0x477FF000u) {  // rounds to >= 65520: overflow to infinity
-        return sign | 0x7C00u;
-    }
-    if (abs < 0x38800000u) {  // below the smallest normal f16: subnormal or zero
-        if (abs < 0x33000000u) {  // <= half the smallest subnormal: rounds to 0
-            return sign;
+size_t block_bound(const kvggml_codec_params & p, int32_t C) {
+    const int32_t B = 1 << p.levels;
+    size_t groups = 0, value_bits = 0;
+    for (int32_t k = 0; k <= p.levels; ++k) {
+        if (p.bits[k]) {
+            groups += (size_t) rows_of(B, p.levels, k) * (C / p.group);
+            value_bits += (size_t) rows_of(B, p.levels, k) * C * p.bits[k];
         }
-        // value / 2^-24 = mant * 2^(exp - 126): drop 126 - exp bits, rounding to nearest even
-        const uint32_t mant = (abs & 0x007FFFFFu) | 0x00800000u;
-        const int drop = 126 - (int) (abs >> 23);
-        const uint32_t half = 1u << (drop - 1);
-        const uint32_t rest = mant & ((1u << drop) - 1u);
-        uint32_t h = mant >> drop;
-        if (rest > half || (rest == half && (h & 1u))) {
-            ++h;
-        }
-        return sign | (uint16_t) h;
     }
-    // normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even
-    uint32_t h = ((abs >> 13) - ((127u - 15u) << 10));
-    const uint32_t rest = abs & 0x1FFFu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) {
-        ++h;  // may carry into the exponent, which is the correct result
-    }
-    return sign | (uint16_t) h;
+    return 9 + p.levels + (groups + 7) / 8 + 2 * groups + (value_bits + 7) / 8;
 }
 
-float fp16_to_fp32(uint16_t h) {
-    const uint32_t sign = (uint32_t) (h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1Fu;
-    const uint32_t mant = h & 0x3FFu;
-    uint32_t x;
-    if (exp == 0x1F) {
-        x = sign | 0x7F800000u | (mant << 13);
-    } else if (exp != 0) {
-        x = sign | ((exp + 112u) << 23) | (mant << 13);
-    } else if (mant == 0) {
-        x = sign;
-    } else {  // subnormal: value = mant * 2^-24, exact in float
-        const float v = (float) mant * 0x1p-24f;
-        std::memcpy(&x, &v, 4);
-        x |= sign;
-    }
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
-
-BlockCodec::BlockCodec(const kvggml_codec_params & p, int32_t channels) : params(p), C(channels) {
-    if (check_params(p, channels) != KVGGML_OK) {
-        throw std::invalid_argument("kvggml codec: invalid parameters for " + std::to_string(channels) + " channels");
-    }
-    B = 1 << p.levels;
-    N = C / p.group;
-    work.resize((size_t) B * C);
-    tmp.resize((size_t) B * C);
-    q.resize((size_t) B * C);
-    present.resize((size_t) B * N);
-    scales.reserve((size_t) B * N);
-}
-
-size_t BlockCodec::bound() const {
-    size_t value_bits = 0;
-    for (int32_t k = 0; k <= params.levels; ++k) {
-        value_bits += (size_t) rows_of(B, params.levels, k) * C * params.bits[k];
-    }
-    const size_t groups = (size_t) B * N;
-    return 9 + params.levels + (groups + 7) / 8 + 2 * groups + (value_bits + 7) / 8;
-}
-
-size_t BlockCodec::encode_f16(const uint16_t * rows, size_t row_stride, uint8_t * out) {
-    for (int32_t r = 0; r < B; ++r) {
-        for (int32_t c = 0; c < C; ++c) {
-            work[(size_t) r * C + c] = fp16_to_fp32(rows[r * row_stride + c]);
-        }
-    }
-    return encode(work.data(), out);
-}
-
-size_t BlockCodec::encode(const float * x, uint8_t * out) {
-    const int32_t L = params.levels, G = params.group;
-    if (x != work.data()) {
-        std::memcpy(work.data(), x, sizeof(float) * work.size());
-    }
-    hadamard_rows(work.data(), B, C, params.rotation);
-    haar_forward(work.data(), tmp.data(), B, L, C);
-
-    // reference level of each group: max |A_L| over the approximation rows (section 5)
-    std::vector<float> & ref = tmp;  // tmp is free again after the transform
-    for (int32_t g = 0; g < N; ++g) {
-        float m = 0.0f;
-        for (int32_t r = 0; r < rows_of(B, L, 0); ++r) {
-            for (int32_t j = 0; j < G; ++j) {
-                m = std::max(m, std::fabs(work[(size_t) r * C + g * G + j]));
-            }
-        }
-        ref[g] = m;
-    }
-
-    // header
-    out[0] = kMagic;
-    out[1] = kVersion;
-    out[2] = (uint8_t) L;
-    int log2r = 0;
-    while ((1 << log2r) < params.rotation) {
-        ++log2r;
-    }
-    out[3] = (uint8_t) log2r;
-    out[4] = (uint8_t) (C & 0xFF);
-    out[5] = (uint8_t) (C >> 8);
-    out[6] = (uint8_t) (G & 0xFF);
-    out[7] = (uint8_t) (G >> 8);
-    for (int32_t k = 0; k <= L; ++k) {
-        out[8 + k] = params.bits[k];
-    }
-    size_t pos = 9 + L;
-
-    // pass 1: presence, scales and values of every coded group, in group order
-    size_t n_groups = 0, n_present = 0;
-    scales.clear();  // capacity B * N, reserved once
-    for (int32_t k = 0; k <= L; ++k) {
-        const int b = params.bits[k];
-        if (b == 0) {
-            continue;
-        }
-        const int32_t qmax = (1 << (b - 1)) - 1;
-        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
-            for (int32_t g = 0; g < N; ++g, ++n_groups) {
-                const float * y = work.data() + (size_t) r * C + g * G;
-                float amax = 0.0f;
-                for (int32_t j = 0; j < G; ++j) {
-                    amax = std::max(amax, std::fabs(y[j]));
-                }
-                const bool is_present = k == 0 ? amax > 0.0f : amax > params.threshold * ref[g];
-                present[n_groups] = is_present;
-                if (!is_present) {
-                    continue;
-                }
-                const float dt = amax / (float) qmax;
-                const float m = std::fmin(dt, 65504.0f);
-                uint16_t h = fp32_to_fp16(m);
-                if (fp16_to_fp32(h) < m) {
-                    ++h;
-                }
-                const float d = fp16_to_fp32(h);
-                scales.push_back(h);
-                for (int32_t j = 0; j < G; ++j) {
-                    const float v = std::fmin(std::fmax(std::rint(y[j] / d), (float) -qmax), (float) qmax);
-                    q[(size_t) r * C + g * G + j] = (int32_t) v;
-                }
-                ++n_present;
-            }
-        }
-    }
-
-    // bitmap
-    const size_t bitmap_bytes = (n_groups + 7) / 8;
-    std::memset(out + pos, 0, bitmap_bytes);
-    for (size_t i = 0; i < n_groups; ++i) {
-        if (present[i]) {
-            out[pos + i / 8] |= (uint8_t) (1u << (i % 8));
-        }
-    }
-    pos += bitmap_bytes;
-    // scales
-    for (const uint16_t h : scales) {
-        out[pos++] = (uint8_t) (h & 0xFF);
-        out[pos++] = (uint8_t) (h >> 8);
-    }
-    // values: present groups in group order, G values each, b bits two's complement
-    BitWriter w{out + pos};
-    size_t i = 0;
-    for (int32_t k = 0; k <= L; ++k) {
-        const int b = params.bits[k];
-        if (b == 0) {
-            continue;
-        }
-        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
-            for (int32_t g = 0; g < N; ++g, ++i) {
-                if (!present[i]) {
-                    continue;
-                }
-                for (int32_t j = 0; j < G; ++j) {
-                    w.put((uint32_t) q[(size_t) r * C + g * G + j], b);
-                }
-            }
-        }
-    }
-    w.flush();
-    return pos + w.pos;
-}
-
-int32_t BlockCodec::parse_header(const uint8_t * data, size_t size, BlockHeader & h) {
+int32_t parse_header(const uint8_t * data, size_t size, BlockHeader & h) {
     if (data == nullptr || size < 8) {
         return KVGGML_ERROR_TRUNCATED_HEADER;
     }
@@ -365,8 +188,8 @@ int32_t BlockCodec::parse_header(const uint8_t * data, size_t size, BlockHeader 
         return KVGGML_ERROR_TRUNCATED_HEADER;
     }
     const int log2r = data[3];
-    h.channels = data[4] | (data[5] << 8);
-    h.group = data[6] | (data[7] << 8);
+    h.channels = read_u16(data + 4);
+    h.group    = read_u16(data + 6);
     if (h.channels == 0 || h.group == 0 || h.channels % h.group != 0 || log2r > 15 ||
         h.channels % (1 << log2r) != 0) {
         return KVGGML_ERROR_SIZES;
@@ -382,6 +205,139 @@ int32_t BlockCodec::parse_header(const uint8_t * data, size_t size, BlockHeader 
     return KVGGML_OK;
 }
 
+BlockCodec::BlockCodec(const kvggml_codec_params & p, int32_t channels) : params(p), C(channels) {
+    if (check_params(p, channels) != KVGGML_OK) {
+        throw std::invalid_argument("kvggml codec: invalid parameters for " + std::to_string(channels) + " channels");
+    }
+    B = 1 << p.levels;
+    N = C / p.group;
+    work.resize((size_t) B * C);
+    tmp.resize((size_t) B * C);
+    q.resize((size_t) B * C);
+    present.resize((size_t) B * N);
+    scales.reserve((size_t) B * N);
+}
+
+size_t BlockCodec::encode_f16(const uint16_t * rows, size_t row_stride_elems, uint8_t * out) {
+    for (int32_t r = 0; r < B; ++r) {
+        const uint16_t * row = rows + r * row_stride_elems;
+        float * dst = work.data() + (size_t) r * C;
+        for (int32_t c = 0; c < C; ++c) {
+            dst[c] = fp16_to_fp32(row[c]);
+        }
+    }
+    return encode(work.data(), out);
+}
+
+size_t BlockCodec::encode(const float * x, uint8_t * out) {
+    const int32_t L = params.levels, G = params.group;
+    if (x != work.data()) {
+        std::memcpy(work.data(), x, sizeof(float) * work.size());
+    }
+    hadamard_rows(work.data(), B, C, params.rotation);
+    haar_forward(work.data(), tmp.data(), B, L, C);
+
+    // section 5: the level of each group, max |A_L| over the approximation rows
+    float * ref = tmp.data();  // free again after the transform
+    for (int32_t g = 0; g < N; ++g) {
+        float m = 0.0f;
+        for (int32_t r = 0; r < rows_of(B, L, 0); ++r) {
+            const float * y = work.data() + (size_t) r * C + g * G;
+            for (int32_t j = 0; j < G; ++j) {
+                m = std::max(m, std::fabs(y[j]));
+            }
+        }
+        ref[g] = m;
+    }
+
+    out[0] = kMagic;
+    out[1] = kVersion;
+    out[2] = (uint8_t) L;
+    int log2r = 0;
+    while ((1 << log2r) < params.rotation) {
+        ++log2r;
+    }
+    out[3] = (uint8_t) log2r;
+    out[4] = (uint8_t) (C & 0xFF);
+    out[5] = (uint8_t) (C >> 8);
+    out[6] = (uint8_t) (G & 0xFF);
+    out[7] = (uint8_t) (G >> 8);
+    for (int32_t k = 0; k <= L; ++k) {
+        out[8 + k] = params.bits[k];
+    }
+    size_t pos = 9 + L;
+
+    // presence, scale and values of every coded group, in group order (section 4); the
+    // bitmap's and the scales' sizes are known only at the end, so values wait in q
+    size_t n_groups = 0;
+    scales.clear();  // capacity B * N, reserved once
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = params.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        const float qmax = (float) ((1 << (b - 1)) - 1);
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++n_groups) {
+                const float * y = work.data() + (size_t) r * C + g * G;
+                float amax = 0.0f;
+                for (int32_t j = 0; j < G; ++j) {
+                    amax = std::max(amax, std::fabs(y[j]));
+                }
+                const bool is_present = k == 0 ? amax > 0.0f : amax > params.threshold * ref[g];
+                present[n_groups] = is_present;
+                if (!is_present) {
+                    continue;
+                }
+                // the smallest f16 >= amax / qmax, saturated at 65504
+                const float m = std::fmin(amax / qmax, kF16Max);
+                uint16_t h = fp32_to_fp16(m);
+                if (fp16_to_fp32(h) < m) {
+                    ++h;
+                }
+                const float d = fp16_to_fp32(h);
+                scales.push_back(h);
+                int32_t * qg = q.data() + (size_t) r * C + g * G;
+                for (int32_t j = 0; j < G; ++j) {
+                    qg[j] = (int32_t) std::fmin(std::fmax(std::rint(y[j] / d), -qmax), qmax);
+                }
+            }
+        }
+    }
+
+    const size_t bitmap_bytes = (n_groups + 7) / 8;
+    std::memset(out + pos, 0, bitmap_bytes);
+    for (size_t i = 0; i < n_groups; ++i) {
+        out[pos + i / 8] |= (uint8_t) (present[i] << (i % 8));
+    }
+    pos += bitmap_bytes;
+    for (const uint16_t h : scales) {
+        out[pos++] = (uint8_t) (h & 0xFF);
+        out[pos++] = (uint8_t) (h >> 8);
+    }
+    BitWriter w{out + pos};
+    size_t i = 0;
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = params.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++i) {
+                if (!present[i]) {
+                    continue;
+                }
+                const int32_t * qg = q.data() + (size_t) r * C + g * G;
+                for (int32_t j = 0; j < G; ++j) {
+                    w.put((uint32_t) qg[j], b);
+                }
+            }
+        }
+    }
+    w.flush();
+    return pos + w.pos;
+}
+
 int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
     const int32_t rc = decode_to_work(data, size);
     if (rc == KVGGML_OK) {
@@ -390,19 +346,22 @@ int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
     return rc;
 }
 
-int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride) {
+int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride_elems) {
     const int32_t rc = decode_to_work(data, size);
     if (rc != KVGGML_OK) {
         return rc;
     }
     for (int32_t r = 0; r < B; ++r) {
+        const float * src = work.data() + (size_t) r * C;
+        uint16_t * row = out + r * row_stride_elems;
         for (int32_t c = 0; c < C; ++c) {
-            out[r * row_stride + c] = fp32_to_fp16(work[(size_t) r * C + c]);
+            row[c] = fp32_to_fp16(src[c]);
         }
     }
     return KVGGML_OK;
 }
 
+// Every length is checked (section 7) before the bytes it covers are read.
 int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
     BlockHeader h;
     if (const int32_t rc = parse_header(data, size, h); rc != KVGGML_OK) {
@@ -410,10 +369,11 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
     }
     const int32_t L = h.levels, G = h.group;
     if (h.channels != C || L != params.levels || G != params.group || h.rotation != params.rotation) {
-        return KVGGML_ERROR_ARGUMENT;  // a block of another configuration
+        return KVGGML_ERROR_ARGUMENT;
     }
     size_t pos = h.header_bytes;
-    size_t n_groups = 0, value_bits = 0;
+
+    size_t n_groups = 0;
     for (int32_t k = 0; k <= L; ++k) {
         if (h.bits[k]) {
             n_groups += (size_t) rows_of(B, L, k) * N;
@@ -428,27 +388,25 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
         return KVGGML_ERROR_PADDING;
     }
     pos += bitmap_bytes;
-    size_t n_present = 0;
-    {
-        size_t i = 0;
-        for (int32_t k = 0; k <= L; ++k) {
-            if (!h.bits[k]) {
-                continue;
-            }
-            for (size_t n = 0; n < (size_t) rows_of(B, L, k) * N; ++n, ++i) {
-                if (bit(bitmap, i)) {
-                    ++n_present;
-                    value_bits += (size_t) G * h.bits[k];
-                }
+
+    size_t n_present = 0, value_bits = 0;
+    for (int32_t k = 0, i = 0; k <= L; ++k) {
+        if (!h.bits[k]) {
+            continue;
+        }
+        for (int32_t n = 0; n < rows_of(B, L, k) * N; ++n, ++i) {
+            if (bit(bitmap, i)) {
+                ++n_present;
+                value_bits += (size_t) G * h.bits[k];
             }
         }
     }
     if (size < pos + 2 * n_present) {
         return KVGGML_ERROR_TRUNCATED_SCALES;
     }
-    const uint8_t * scales = data + pos;
+    const uint8_t * scale_bytes = data + pos;
     for (size_t s = 0; s < n_present; ++s) {
-        const uint16_t v = scales[2 * s] | (scales[2 * s + 1] << 8);
+        const uint16_t v = read_u16(scale_bytes + 2 * s);
         if ((v & 0x7C00u) == 0x7C00u) {
             return KVGGML_ERROR_SCALE_NONFINITE;
         }
@@ -457,6 +415,7 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
         }
     }
     pos += 2 * n_present;
+
     const size_t value_bytes = (value_bits + 7) / 8;
     if (size < pos + value_bytes) {
         return KVGGML_ERROR_TRUNCATED_DATA;
@@ -468,7 +427,7 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
         return KVGGML_ERROR_PADDING;
     }
 
-    std::fill(work.begin(), work.end(), 0.0f);
+    std::fill(work.begin(), work.end(), 0.0f);  // absent groups and dropped subbands: +0.0f
     BitReader rd{data + pos};
     size_t i = 0, s = 0;
     for (int32_t k = 0; k <= L; ++k) {
@@ -476,20 +435,21 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
         if (b == 0) {
             continue;
         }
+        const uint32_t sign_bit = 1u << (b - 1);
         for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
             for (int32_t g = 0; g < N; ++g, ++i) {
                 if (!bit(bitmap, i)) {
                     continue;
                 }
-                const float d = fp16_to_fp32((uint16_t) (scales[2 * s] | (scales[2 * s + 1] << 8)));
-                ++s;
+                const float d = fp16_to_fp32(read_u16(scale_bytes + 2 * s++));
+                float * y = work.data() + (size_t) r * C + g * G;
                 for (int32_t j = 0; j < G; ++j) {
                     const uint32_t raw = rd.get(b);
-                    if (raw == (1u << (b - 1))) {
+                    if (raw == sign_bit) {
                         return KVGGML_ERROR_VALUE;  // -2^(b-1) is never produced
                     }
-                    const int32_t v = (raw & (1u << (b - 1))) ? (int32_t) raw - (1 << b) : (int32_t) raw;
-                    work[(size_t) r * C + g * G + j] = (float) v * d;
+                    const int32_t v = (raw & sign_bit) ? (int32_t) raw - (1 << b) : (int32_t) raw;
+                    y[j] = (float) v * d;
                 }
             }
         }
@@ -499,31 +459,63 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
     return KVGGML_OK;
 }
 
+namespace {
+
+// The C API's one-shot codecs allocate their scratch per call; allocation is the only thing
+// that can throw once the params are checked, and no exception may cross into C.
+template <class Call> auto no_throw(Call && call) -> decltype(call()) {
+    try {
+        return call();
+    } catch (...) {
+        return KVGGML_ERROR_MEMORY;
+    }
+}
+
+// The params a block's header describes, for decoding it with a one-shot codec.
+int32_t header_params(const uint8_t * data, size_t size, int32_t channels, kvggml_codec_params & params) {
+    BlockHeader h;
+    if (const int32_t rc = parse_header(data, size, h); rc != KVGGML_OK) {
+        return rc;
+    }
+    if (h.channels != channels) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    params          = kvggml_codec_params{};
+    params.levels   = h.levels;
+    params.group    = h.group;
+    params.rotation = h.rotation;
+    std::copy(h.bits, h.bits + h.levels + 1, params.bits);
+    return KVGGML_OK;
+}
+
+} // namespace
+
 } // namespace kvggml
 
 using kvggml::BlockCodec;
 
 const char * kvggml_error_name(int32_t code) {
     switch (code) {
-        case KVGGML_OK:                       return "ok";
-        case KVGGML_ERROR_ARGUMENT:           return "invalid argument";
-        case KVGGML_ERROR_CAPACITY:           return "output buffer too small";
-        case KVGGML_ERROR_TRUNCATED_HEADER:   return "truncated header";
-        case KVGGML_ERROR_MAGIC:              return "bad magic";
-        case KVGGML_ERROR_VERSION:            return "unsupported version";
-        case KVGGML_ERROR_LEVELS:             return "levels out of range";
-        case KVGGML_ERROR_SIZES:              return "inconsistent sizes";
-        case KVGGML_ERROR_BITS:               return "bits out of range";
-        case KVGGML_ERROR_TRUNCATED_BITMAP:   return "truncated presence bitmap";
-        case KVGGML_ERROR_TRUNCATED_SCALES:   return "truncated scales";
-        case KVGGML_ERROR_TRUNCATED_DATA:     return "truncated data";
-        case KVGGML_ERROR_TRAILING:           return "trailing bytes";
-        case KVGGML_ERROR_PADDING:            return "nonzero padding";
-        case KVGGML_ERROR_SCALE_NONFINITE:    return "non-finite scale";
-        case KVGGML_ERROR_SCALE_NONPOSITIVE:  return "non-positive scale";
-        case KVGGML_ERROR_VALUE:              return "value out of range";
-        case KVGGML_ERROR_NONFINITE_INPUT:    return "non-finite input";
-        default:                              return "unknown error";
+        case KVGGML_OK:                      return "ok";
+        case KVGGML_ERROR_ARGUMENT:          return "invalid argument";
+        case KVGGML_ERROR_CAPACITY:          return "output buffer too small";
+        case KVGGML_ERROR_TRUNCATED_HEADER:  return "truncated header";
+        case KVGGML_ERROR_MAGIC:             return "bad magic";
+        case KVGGML_ERROR_VERSION:           return "unsupported version";
+        case KVGGML_ERROR_LEVELS:            return "levels out of range";
+        case KVGGML_ERROR_SIZES:             return "inconsistent sizes";
+        case KVGGML_ERROR_BITS:              return "bits out of range";
+        case KVGGML_ERROR_TRUNCATED_BITMAP:  return "truncated presence bitmap";
+        case KVGGML_ERROR_TRUNCATED_SCALES:  return "truncated scales";
+        case KVGGML_ERROR_TRUNCATED_DATA:    return "truncated data";
+        case KVGGML_ERROR_TRAILING:          return "trailing bytes";
+        case KVGGML_ERROR_PADDING:           return "nonzero padding";
+        case KVGGML_ERROR_SCALE_NONFINITE:   return "non-finite scale";
+        case KVGGML_ERROR_SCALE_NONPOSITIVE: return "non-positive scale";
+        case KVGGML_ERROR_VALUE:             return "value out of range";
+        case KVGGML_ERROR_NONFINITE_INPUT:   return "non-finite input";
+        case KVGGML_ERROR_MEMORY:            return "out of memory";
+        default:                             return "unknown error";
     }
 }
 
@@ -531,7 +523,7 @@ size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t chan
     if (params == nullptr || kvggml::check_params(*params, channels) != KVGGML_OK) {
         return 0;
     }
-    return BlockCodec(*params, channels).bound();
+    return kvggml::block_bound(*params, channels);
 }
 
 int64_t kvggml_codec_encode_block(const kvggml_codec_params * params, const float * x, int32_t channels,
@@ -542,39 +534,78 @@ int64_t kvggml_codec_encode_block(const kvggml_codec_params * params, const floa
     if (const int32_t rc = kvggml::check_params(*params, channels); rc != KVGGML_OK) {
         return rc;
     }
-    BlockCodec codec(*params, channels);
-    const size_t n = (size_t) codec.block_tokens() * channels;
+    if (out_capacity < kvggml::block_bound(*params, channels)) {
+        return KVGGML_ERROR_CAPACITY;
+    }
+    const size_t n = ((size_t) 1 << params->levels) * channels;
     for (size_t i = 0; i < n; ++i) {
         if (!std::isfinite(x[i])) {
             return KVGGML_ERROR_NONFINITE_INPUT;
         }
     }
-    if (out_capacity < codec.bound()) {
+    return kvggml::no_throw([&]() -> int64_t { return (int64_t) BlockCodec(*params, channels).encode(x, out); });
+}
+
+int64_t kvggml_codec_encode_block_f16(const kvggml_codec_params * params, const uint16_t * rows,
+                                      size_t row_stride_elems, int32_t channels, uint8_t * out, size_t out_capacity) {
+    if (params == nullptr || rows == nullptr || out == nullptr) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    if (const int32_t rc = kvggml::check_params(*params, channels); rc != KVGGML_OK) {
+        return rc;
+    }
+    if (row_stride_elems < (size_t) channels) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    if (out_capacity < kvggml::block_bound(*params, channels)) {
         return KVGGML_ERROR_CAPACITY;
     }
-    return (int64_t) codec.encode(x, out);
+    for (int32_t r = 0; r < (1 << params->levels); ++r) {
+        for (int32_t c = 0; c < channels; ++c) {
+            if ((rows[r * row_stride_elems + c] & 0x7C00u) == 0x7C00u) {
+                return KVGGML_ERROR_NONFINITE_INPUT;
+            }
+        }
+    }
+    return kvggml::no_throw(
+        [&]() -> int64_t { return (int64_t) BlockCodec(*params, channels).encode_f16(rows, row_stride_elems, out); });
 }
 
 int32_t kvggml_codec_decode_block(const uint8_t * data, size_t size, int32_t channels,
                                   float * out, size_t out_capacity_floats, int32_t * out_tokens) {
-    kvggml::BlockHeader h;
-    if (const int32_t rc = BlockCodec::parse_header(data, size, h); rc != KVGGML_OK) {
+    kvggml_codec_params params;
+    if (const int32_t rc = kvggml::header_params(data, size, channels, params); rc != KVGGML_OK) {
         return rc;
     }
-    if (out == nullptr || h.channels != channels) {
+    if (out == nullptr) {
         return KVGGML_ERROR_ARGUMENT;
     }
-    kvggml_codec_params params{};
-    params.levels = h.levels;
-    params.group = h.group;
-    params.rotation = h.rotation;
-    std::copy(h.bits, h.bits + h.levels + 1, params.bits);
-    BlockCodec codec(params, channels);
-    if (out_capacity_floats < (size_t) codec.block_tokens() * channels) {
+    const int32_t tokens = 1 << params.levels;
+    if (out_capacity_floats < (size_t) tokens * channels) {
         return KVGGML_ERROR_CAPACITY;
     }
     if (out_tokens) {
-        *out_tokens = codec.block_tokens();
+        *out_tokens = tokens;
     }
-    return codec.decode(data, size, out);
+    return kvggml::no_throw([&]() -> int32_t { return BlockCodec(params, channels).decode(data, size, out); });
+}
+
+int32_t kvggml_codec_decode_block_f16(const uint8_t * data, size_t size, int32_t channels, uint16_t * out,
+                                      size_t row_stride_elems, size_t out_capacity_elems, int32_t * out_tokens) {
+    kvggml_codec_params params;
+    if (const int32_t rc = kvggml::header_params(data, size, channels, params); rc != KVGGML_OK) {
+        return rc;
+    }
+    if (out == nullptr || row_stride_elems < (size_t) channels) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    const int32_t tokens = 1 << params.levels;
+    if (out_capacity_elems < (size_t) (tokens - 1) * row_stride_elems + channels) {
+        return KVGGML_ERROR_CAPACITY;
+    }
+    if (out_tokens) {
+        *out_tokens = tokens;
+    }
+    return kvggml::no_throw(
+        [&]() -> int32_t { return BlockCodec(params, channels).decode_f16(data, size, out, row_stride_elems); });
 }

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kvggml.h"
@@ -14,6 +15,11 @@ namespace kvggml {
 
 constexpr int kFormatMaxLevels = 8;
 
+// KVGGML_OK when params describe valid blocks of `channels` channels, else the error code.
+int32_t check_params(const kvggml_codec_params & params, int32_t channels);
+// Largest encoded size of one block (every group present); params must be valid.
+size_t block_bound(const kvggml_codec_params & params, int32_t channels);
+
 // Parsed block header.
 struct BlockHeader {
     int32_t levels, rotation, channels, group;
@@ -21,43 +27,85 @@ struct BlockHeader {
     size_t  header_bytes;
 };
 
+// Header checks of section 7, without reading past `size`.
+int32_t parse_header(const uint8_t * data, size_t size, BlockHeader & header);
+
 class BlockCodec {
 public:
-    // Throws std::invalid_argument when params do not describe a valid block of `channels`.
+    // Throws std::invalid_argument when check_params() fails.
     BlockCodec(const kvggml_codec_params & params, int32_t channels);
 
     int32_t block_tokens() const { return B; }
     int32_t channels() const { return C; }
-    // Largest encoded size of one block.
-    size_t bound() const;
+    size_t  bound() const { return block_bound(params, C); }
 
-    // x[B][C] float32 (finite). Returns the bytes written to out (at least bound() bytes).
+    // x[B][C] float32, finite. Writes at most bound() bytes to out and returns their count.
     size_t encode(const float * x, uint8_t * out);
-    // B rows of f16 values, row r at rows + r * row_stride.
-    size_t encode_f16(const uint16_t * rows, size_t row_stride, uint8_t * out);
+    // The same from B rows of C finite f16 values, row r at rows + r * row_stride_elems.
+    size_t encode_f16(const uint16_t * rows, size_t row_stride_elems, uint8_t * out);
 
-    // Decode a block of this codec's channel count into out[B][C]. 0 or a KVGGML_ERROR_* code.
+    // Decode a block into out[B][C]. KVGGML_OK, or an error code (out is then unspecified);
+    // a block whose header disagrees with this codec's levels, group, rotation or channels
+    // is KVGGML_ERROR_ARGUMENT. The header's bits may differ from the codec's.
     int32_t decode(const uint8_t * data, size_t size, float * out);
-    // The same, rounded to f16 rows: row r at out + r * row_stride.
-    int32_t decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride);
-
-    // Header checks shared by the decoder and the C API (which learns B from the header).
-    static int32_t parse_header(const uint8_t * data, size_t size, BlockHeader & header);
+    // The same, rounded to f16 (nearest even) into rows: row r at out + r * row_stride_elems.
+    int32_t decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride_elems);
 
 private:
-    kvggml_codec_params params;
-    int32_t B, C, N;  // tokens, channels, groups per row
-    std::vector<float>   work;   // B * C coefficients
-    std::vector<float>   tmp;    // one Haar step
-    std::vector<int32_t>  q;       // quantized values, B * C
-    std::vector<uint8_t>  present; // per group, in group order
-    std::vector<uint16_t> scales;  // of the present groups, in group order
+    kvggml_codec_params   params;
+    int32_t               B, C, N;  // tokens, channels, groups per row
+    std::vector<float>    work;     // B * C coefficients
+    std::vector<float>    tmp;      // one Haar step; after the forward transform, ref[] of section 5
+    std::vector<int32_t>  q;        // quantized values, B * C
+    std::vector<uint8_t>  present;  // per group, in group order
+    std::vector<uint16_t> scales;   // of the present groups, in group order
 
     // Decoded block left in `work`.
     int32_t decode_to_work(const uint8_t * data, size_t size);
 };
 
-uint16_t fp32_to_fp16(float f);
-float    fp16_to_fp32(uint16_t h);
+inline uint32_t float_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float bits_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// IEEE binary32 -> binary16, rounding to nearest even like numpy's astype(np.float16)
+// (subnormals, overflow to infinity). Inline (an exported function is not inlined under
+// -fPIC) and free of data-dependent branches except selects. Relies on the default FP
+// rounding mode.
+inline uint16_t fp32_to_fp16(float f) {
+    const uint32_t x    = float_bits(f);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t abs  = x & 0x7FFFFFFFu;
+    // below 2^-14 the result is subnormal: adding 0.5 (ulp 2^-24, the f16 subnormal step)
+    // makes the FPU round at that position, to nearest even
+    const float    half      = 0.5f;
+    const uint32_t subnormal = float_bits(bits_float(abs) + half) - float_bits(half);
+    // normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even
+    // (a carry into the exponent is the correct result, up to infinity)
+    const uint32_t normal = (abs + ((uint32_t) (15 - 127) << 23) + 0xFFFu + ((abs >> 13) & 1u)) >> 13;
+    uint32_t       h      = abs < (113u << 23) ? subnormal : normal;
+    h = abs >= (143u << 23) ? (abs > 0x7F800000u ? 0x7E00u : 0x7C00u) : h;  // >= 2^16: inf, or NaN
+    return (uint16_t) (sign | h);
+}
+
+// IEEE binary16 -> binary32, exact.
+inline float fp16_to_fp32(uint16_t h) {
+    const uint32_t magnitude = (uint32_t) (h & 0x7FFFu) << 13;  // exponent and mantissa at f32 positions
+    const uint32_t exponent  = magnitude & 0x0F800000u;
+    uint32_t       bits      = magnitude + ((127u - 15u) << 23);
+    bits += exponent == 0x0F800000u ? (128u - 16u) << 23 : 0u;  // inf/NaN keep an all-ones exponent
+    // zero/subnormal: as the normal 2^-14 * (1 + m/1024), then subtract 2^-14 (exact)
+    const float normalised = bits_float(exponent == 0 ? bits + (1u << 23) : bits);
+    const float value      = exponent == 0 ? normalised - 0x1p-14f : normalised;
+    return bits_float(float_bits(value) | (uint32_t) (h & 0x8000u) << 16);
+}
 
 } // namespace kvggml

@@ -55,6 +55,7 @@ KVGGML_API unsigned kvggml_version_number(void);
 #define KVGGML_ERROR_SCALE_NONPOSITIVE  -15
 #define KVGGML_ERROR_VALUE              -16  // a value of -2^(b-1), never produced
 #define KVGGML_ERROR_NONFINITE_INPUT    -17
+#define KVGGML_ERROR_MEMORY             -18  // scratch allocation failed
 
 // A short static string naming the code (e.g. "truncated scales").
 KVGGML_API const char * kvggml_error_name(int32_t code);
@@ -74,7 +75,8 @@ typedef struct kvggml_codec_params {
 // Largest encoded size of one block, or 0 for invalid params.
 KVGGML_API size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t channels);
 
-// Encode x[2^L][channels] (float32, finite). Returns the bytes written, or an error code.
+// Encode x[2^L][channels] (float32, finite) into out (out_capacity >= the bound above).
+// Returns the bytes written, or an error code.
 KVGGML_API int64_t kvggml_codec_encode_block(const kvggml_codec_params * params, const float * x, int32_t channels,
                                              uint8_t * out, size_t out_capacity);
 
@@ -83,6 +85,18 @@ KVGGML_API int64_t kvggml_codec_encode_block(const kvggml_codec_params * params,
 // reading out of bounds.
 KVGGML_API int32_t kvggml_codec_decode_block(const uint8_t * data, size_t size, int32_t channels,
                                              float * out, size_t out_capacity_floats, int32_t * out_tokens);
+
+// The same with f16 rows, as the KV cache holds them: token r of the block is the `channels`
+// values at rows + r * row_stride_elems (row_stride_elems >= channels). Encoding reads them as
+// exact floats; decoding rounds each float32 result to the nearest f16 (ties to even, overflow
+// to infinity), exactly like numpy's astype(np.float16). out_capacity_elems must reach the last
+// row: (B - 1) * row_stride_elems + channels.
+KVGGML_API int64_t kvggml_codec_encode_block_f16(const kvggml_codec_params * params, const uint16_t * rows,
+                                                 size_t row_stride_elems, int32_t channels, uint8_t * out,
+                                                 size_t out_capacity);
+KVGGML_API int32_t kvggml_codec_decode_block_f16(const uint8_t * data, size_t size, int32_t channels, uint16_t * out,
+                                                 size_t row_stride_elems, size_t out_capacity_elems,
+                                                 int32_t * out_tokens);
 
 //
 // a llama_context with compression (OLLAMA_KV_COMPRESSION=1)
