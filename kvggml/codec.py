@@ -166,12 +166,17 @@ class Eviction(Codec):
         return np.zeros_like(x), 0
 
 
+@dataclass(frozen=True)
 class _GgmlBlockQuant(Codec):
     """ggml's reference quantizer on blocks of 32 consecutive values of each token's row."""
 
+    hadamard: bool = False
+    name: str = field(default="", compare=False)
     BLOCK_BYTES: ClassVar[int]
-    hadamard: bool
     SPEC_FIELDS: ClassVar[dict[str, Callable[[str], object]]] = {"hadamard": _parse_flag}
+
+    def __post_init__(self) -> None:
+        self._set_default_name()
 
     @property
     def description(self) -> str:
@@ -201,13 +206,8 @@ def _inverse_or_zero(d: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Q8_0(_GgmlBlockQuant):
-    hadamard: bool = False
-    name: str = field(default="", compare=False)
     KIND: ClassVar[str] = "q8_0"
     BLOCK_BYTES: ClassVar[int] = 34  # f16 scale + 32 int8
-
-    def __post_init__(self) -> None:
-        self._set_default_name()
 
     def _quant_dequant(self, rows: np.ndarray) -> np.ndarray:
         amax = np.abs(rows).max(axis=1, keepdims=True)
@@ -220,13 +220,8 @@ class Q8_0(_GgmlBlockQuant):
 
 @dataclass(frozen=True)
 class Q4_0(_GgmlBlockQuant):
-    hadamard: bool = False
-    name: str = field(default="", compare=False)
     KIND: ClassVar[str] = "q4_0"
     BLOCK_BYTES: ClassVar[int] = 18  # f16 scale + 32 nibbles
-
-    def __post_init__(self) -> None:
-        self._set_default_name()
 
     def _quant_dequant(self, rows: np.ndarray) -> np.ndarray:
         # the signed value of largest magnitude, first one on ties, maps to -8
