@@ -34,23 +34,26 @@ VARIANTS = {"stock f16": ("stock", "f16", None), "stock q8_0": ("stock", "q8_0",
 GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 MEMORY_PROBE = r"""
-import json, resource, sys, time
+import ctypes, json, re, resource, sys, time
 from kvggml.library import load_llama_cpp
-from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
+from kvggml.model import Runner, default_model_path, default_text
 from kvggml.native import stats_or_none
-n_ctx, type_id = int(sys.argv[1]), int(sys.argv[2])
-llama_cpp = load_llama_cpp(); silence_llama_logs(llama_cpp)
+n_ctx, type_id, fill = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+llama_cpp = load_llama_cpp()
+log = []
+@llama_cpp.llama_log_callback
+def keep(level, text, user_data):
+    log.append(text.decode(errors="replace"))
+llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
 with Runner(llama_cpp, default_model_path(), n_ctx=n_ctx, n_batch=512, type_k=type_id, type_v=type_id) as run:
-    tokens = run.tokenize(default_text())[:n_ctx]
+    # llama.cpp's own accounting of the cache it allocated, from its log line at context creation
+    allocated = [float(m.group(1)) for m in re.finditer(r"llama_kv_cache: size = +([\d.]+) MiB", "".join(log))]
+    tokens = run.tokenize(default_text())[:n_ctx] if fill else []
     t0 = time.perf_counter()
     run.decode(tokens, 0)
     seconds = time.perf_counter() - t0
-    model = run.model
-    n_layer = llama_cpp.llama_model_n_layer(model)
     stats = stats_or_none(llama_cpp, run.ctx)
-    state_bytes = llama_cpp.llama_state_seq_get_size(run.ctx, 0) if stats is None else None
-print(json.dumps({"tokens": len(tokens), "prefill_s": seconds, "n_layer": n_layer, "stats": stats,
-                  "state_bytes": state_bytes,
+print(json.dumps({"tokens": len(tokens), "prefill_s": seconds, "allocated_mib": allocated[0], "stats": stats,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -78,20 +81,20 @@ def measure_memory(args) -> list[dict]:
     rows = []
     for variant in args.variants:
         cache = VARIANTS[variant][1]
-        print(f"[memory] {variant}: {args.ctx}-token prompt, n_ctx {args.ctx}", file=sys.stderr, flush=True)
-        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache])],
-                             env=variant_env(variant), capture_output=True, text=True, cwd=REPO)
+        fill = variant not in args.no_fill
+        print(f"[memory] {variant}: n_ctx {args.ctx}, " + (f"{args.ctx}-token prompt" if fill else "no prompt"),
+              file=sys.stderr, flush=True)
+        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache]),
+                              "1" if fill else "0"], env=variant_env(variant), capture_output=True, text=True, cwd=REPO)
         if res.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{res.stderr}")
         probe = json.loads(res.stdout.strip().splitlines()[-1])
         stats = probe["stats"]
-        if stats:
-            kv_bytes = stats["exact_bytes"] + stats["compressed_bytes"]
-        else:
-            # stock: every cell of n_ctx holds K and V at the cache type's size (ggml row sizes)
-            kv_bytes = probe["state_bytes"]
-        rows.append({"variant": variant, "kv_mib": kv_bytes / 2**20, "peak_rss_mib": probe["peak_rss_mib"],
-                     "prefill_s": probe["prefill_s"], "stats": stats})
+        # kvggml: its exact cells + compressed blocks; stock: the cells it allocated for n_ctx
+        kv_mib = (stats["exact_bytes"] + stats["compressed_bytes"]) / 2**20 if stats else probe["allocated_mib"]
+        rows.append({"variant": variant, "kv_mib": kv_mib, "allocated_f16_cells_mib": probe["allocated_mib"],
+                     "peak_rss_mib": probe["peak_rss_mib"] if fill else None, "prefill_s": probe["prefill_s"],
+                     "stats": stats})
     base = rows[0]["kv_mib"]
     for r in rows:
         r["kv_vs_first"] = r["kv_mib"] / base
@@ -158,9 +161,11 @@ def main() -> int:
     parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first is the baseline")
+    parser.add_argument("--no-fill", default="", help="memory: variants measured without the prompt (allocation only)")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    args.no_fill = args.no_fill.split(",")
     for v in args.variants:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
