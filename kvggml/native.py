@@ -55,11 +55,17 @@ def open_library():
     return _lib
 
 
-def get_stats(ctx: int) -> dict:
-    """Totals of a context's KV cache: exact and compressed bytes, blocks, time spent."""
+def get_stats(ctx) -> dict:
+    """Totals of a context's KV cache: exact and compressed bytes, blocks, time spent.
+
+    ctx: a `llama_context *` as llama_cpp gives it (an address, or a ctypes c_void_p).
+    """
     lib = open_library()
     out = ffi.new("kvggml_stats *")
-    rc = lib.kvggml_get_stats(ffi.cast("void *", ctx), out)
+    address = getattr(ctx, "value", ctx)
+    if not address:
+        raise ValueError("ctx is a null llama_context pointer")
+    rc = lib.kvggml_get_stats(ffi.cast("void *", address), out)
     if rc != 0:
         raise RuntimeError(f"kvggml_get_stats failed: {ffi.string(lib.kvggml_error_name(rc)).decode()}")
     return {name: int(getattr(out, name)) for name, _ in ffi.typeof("kvggml_stats").fields}
