@@ -31,6 +31,27 @@ typedef struct kvggml_stats {
     uint64_t decode_us;
 } kvggml_stats;
 int32_t kvggml_get_stats(const void * ctx, kvggml_stats * out);
+
+typedef struct kvggml_segment {
+    int32_t  seq_id;
+    int32_t  p0;
+    int32_t  p1;
+    int32_t  level;
+    uint64_t bytes;
+} kvggml_segment;
+int64_t kvggml_get_segments(const void * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity);
+int64_t kvggml_get_bitmap(const void * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes);
+
+typedef struct kvggml_event {
+    int32_t  seq_id;
+    int32_t  p0;
+    int32_t  p1;
+    int32_t  level;
+    uint64_t bytes_before;
+    uint64_t bytes_after;
+} kvggml_event;
+typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
+int32_t kvggml_set_compress_callback(void * ctx, kvggml_compress_callback callback, void * user_data);
 """
 
 ffi = FFI()
@@ -55,20 +76,78 @@ def open_library():
     return _lib
 
 
+def _pointer(ctx):
+    address = getattr(ctx, "value", ctx)
+    if not address:
+        raise ValueError("ctx is a null llama_context pointer")
+    return ffi.cast("void *", address)
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise RuntimeError(f"{what} failed: {ffi.string(open_library().kvggml_error_name(rc)).decode()} "
+                           "(is compression on for this context? OLLAMA_KV_COMPRESSION=1)")
+    return rc
+
+
+def _as_dict(record, ctype: str) -> dict:
+    return {name: int(getattr(record, name)) for name, _ in ffi.typeof(ctype).fields}
+
+
+def get_segments(ctx, seq_id: int = -1) -> list[dict]:
+    """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, bytes."""
+    lib = open_library()
+    n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_segments")
+    out = ffi.new("kvggml_segment[]", max(n, 1))
+    n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, out, n), "kvggml_get_segments")
+    return [_as_dict(out[i], "kvggml_segment") for i in range(n)]
+
+
+def get_bitmap(ctx, seq_id: int) -> list[bool]:
+    """One flag per block slot of the sequence (after the sinks): compressed or not."""
+    lib = open_library()
+    n_bits = _check(lib.kvggml_get_bitmap(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_bitmap")
+    bits = ffi.new("uint8_t[]", max((n_bits + 7) // 8, 1))
+    _check(lib.kvggml_get_bitmap(_pointer(ctx), seq_id, bits, len(bits)), "kvggml_get_bitmap")
+    return [bool(bits[k // 8] >> (k % 8) & 1) for k in range(n_bits)]
+
+
+class CompressCallback:
+    """Calls fn(event: dict) for every block the context compresses, on the thread running llama_decode.
+
+    An exception raised by fn is printed to stderr and kept in `.errors`; it never reaches
+    llama.cpp, and decoding goes on. Keep this object alive while the context uses it;
+    `close()` unregisters it.
+    """
+
+    def __init__(self, ctx, fn):
+        self.ctx, self.fn, self.errors = ctx, fn, []
+
+        def report(exc_type, exc, tb):
+            import traceback
+
+            self.errors.append(exc)
+            traceback.print_exception(exc_type, exc, tb)
+
+        self._c_fn = ffi.callback("kvggml_compress_callback", self._call, onerror=report)
+        _check(open_library().kvggml_set_compress_callback(_pointer(ctx), self._c_fn, ffi.NULL),
+               "kvggml_set_compress_callback")
+
+    def _call(self, event, user_data):  # noqa: ARG002
+        self.fn(_as_dict(event, "kvggml_event"))
+
+    def close(self) -> None:
+        open_library().kvggml_set_compress_callback(_pointer(self.ctx), ffi.NULL, ffi.NULL)
+
+
 def get_stats(ctx) -> dict:
     """Totals of a context's KV cache: exact and compressed bytes, blocks, time spent.
 
     ctx: a `llama_context *` as llama_cpp gives it (an address, or a ctypes c_void_p).
     """
-    lib = open_library()
     out = ffi.new("kvggml_stats *")
-    address = getattr(ctx, "value", ctx)
-    if not address:
-        raise ValueError("ctx is a null llama_context pointer")
-    rc = lib.kvggml_get_stats(ffi.cast("void *", address), out)
-    if rc != 0:
-        raise RuntimeError(f"kvggml_get_stats failed: {ffi.string(lib.kvggml_error_name(rc)).decode()}")
-    return {name: int(getattr(out, name)) for name, _ in ffi.typeof("kvggml_stats").fields}
+    _check(open_library().kvggml_get_stats(_pointer(ctx), out), "kvggml_get_stats")
+    return _as_dict(out, "kvggml_stats")
 
 
 def stats_or_none(llama_cpp: ModuleType, ctx: int) -> dict | None:

@@ -23,6 +23,7 @@ def main() -> None:
     llama_cpp = load_llama_cpp()
     if not args.get("show_logs"):
         silence_llama_logs(llama_cpp)
+    from kvggml import native
     from kvggml.native import stats_or_none
 
     report: dict = {}
@@ -33,6 +34,13 @@ def main() -> None:
         print(json.dumps({"error": str(err)}))
         return
     with run:
+        events = []
+        if args.get("callback"):
+            def on_compress(event):
+                events.append(event)
+                if args["callback"] == "raise" and len(events) == 2:
+                    raise RuntimeError("raised by the test's callback")
+            callback = native.CompressCallback(run.ctx, on_compress)
         tokens = run.tokenize(default_text())[: args["tokens"]]
         n_logits = args.get("logits_last", 0)
         head = tokens[: len(tokens) - n_logits]
@@ -42,6 +50,12 @@ def main() -> None:
             logits = run.decode(tokens[len(head):], len(head), want_logits=True)
             np.save(args["out"], logits)
         report["stats"] = stats_or_none(llama_cpp, run.ctx)
+        if args.get("callback"):
+            report["events"] = events
+            report["callback_errors"] = [str(e) for e in callback.errors]
+            report["segments"] = native.get_segments(run.ctx, 0)
+            report["bitmap"] = native.get_bitmap(run.ctx, 0)
+            callback.close()
         report["n_ctx"] = llama_cpp.llama_n_ctx(run.ctx)
         report["can_shift"] = bool(llama_cpp.llama_memory_can_shift(run.memory))
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -135,3 +135,34 @@ def test_bad_value_fails_context_creation_with_its_name(tmp_path, name, value, m
     report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0, show_logs=True)
     assert "could not create a context" in report["error"]
     assert message in report["stderr"]
+
+
+def test_callback_reports_each_block_as_the_prompt_is_read(tmp_path):
+    report = probe(tmp_path, "patched", ON, logits_last=0, callback="record")
+    events, segments = report["events"], report["segments"]
+    n_blocks = (TOKENS - 4 - WINDOW) // 16
+    assert [(e["p0"], e["p1"]) for e in events] == [(4 + 16 * k, 20 + 16 * k) for k in range(n_blocks)]
+    assert all(e["seq_id"] == 0 and e["level"] == 4 and e["bytes_after"] < e["bytes_before"] / 4 for e in events)
+    # the segments the API lists are the blocks the callback announced, byte for byte
+    assert [(s["p0"], s["p1"], s["bytes"]) for s in segments] == [(e["p0"], e["p1"], e["bytes_after"]) for e in events]
+    assert report["bitmap"] == [True] * n_blocks
+    assert sum(s["bytes"] for s in segments) == report["stats"]["compressed_bytes"]
+
+
+def test_an_exception_in_the_callback_is_reported_not_fatal(tmp_path):
+    report = probe(tmp_path, "patched", ON, logits_last=0, callback="raise")
+    assert report["callback_errors"] == ["raised by the test's callback"]
+    assert "RuntimeError: raised by the test's callback" in report["stderr"]
+    assert len(report["events"]) == report["stats"]["blocks"] == (TOKENS - 4 - WINDOW) // 16
+
+
+def test_the_api_refuses_a_context_without_compression(tmp_path):
+    code = ("import json; from kvggml.library import load_llama_cpp; from kvggml import native\n"
+            "from kvggml.model import Runner, default_model_path, silence_llama_logs\n"
+            "ll = load_llama_cpp(); silence_llama_logs(ll)\n"
+            "with Runner(ll, default_model_path(), n_ctx=256) as run:\n"
+            "    try:\n        native.get_segments(run.ctx, 0)\n    except RuntimeError as e:\n        print(e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+    res = subprocess.run([sys.executable, "-c", code], env={**env, "KVGGML_LIB": "patched"}, capture_output=True,
+                         text=True, timeout=120)
+    assert "kvggml_get_segments failed: invalid argument (is compression on for this context?" in res.stdout

@@ -111,8 +111,7 @@ public:
     const uint64_t generation;
 };
 
-Tier::Tier(const Config & config, llama_kv_cache & kv, uint32_t n_ctx_seq) : kv(kv), cfg(config) {
-    GGML_UNUSED(n_ctx_seq);
+Tier::Tier(const Config & config, llama_kv_cache & kv) : kv(kv), cfg(config) {
     if (kv.n_stream != 1) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs a unified KV cache (kv_unified) "
                                     "when several sequences are used");
@@ -149,6 +148,23 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, uint32_t n_ctx_seq) : kv(
 const LayerView * Tier::view(int32_t il, bool is_v) const {
     const int32_t ikv = kv.map_layer_ids.at(il);
     return &views[2 * ikv + (is_v ? 1 : 0)];
+}
+
+uint64_t Tier::block_bytes(size_t b) const {
+    uint64_t total = 0;
+    for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
+        total += k_streams[ikv].offsets[b + 1] - k_streams[ikv].offsets[b];
+        total += v_streams[ikv].offsets[b + 1] - v_streams[ikv].offsets[b];
+    }
+    return total;
+}
+
+uint64_t Tier::block_f16_bytes() const {
+    uint64_t total = 0;
+    for (const auto & layer : kv.layers) {
+        total += (uint64_t) cfg.block_tokens() * (layer.k->ne[0] + layer.v->ne[0]) * sizeof(ggml_fp16_t);
+    }
+    return total;
 }
 
 size_t Tier::exact_bytes() const {
@@ -241,6 +257,13 @@ void Tier::compress() {
     kv.v_heads[0] = 0;
     ++gen;
     encode_us += now_us() - t0;
+    if (on_compress) {
+        for (size_t b = blks.size() - runs.size(); b < blks.size(); ++b) {
+            const kvggml_event event = {blks[b].seq, blks[b].p0, blks[b].p1, (int32_t) cfg.level,
+                                        block_f16_bytes(), block_bytes(b)};
+            on_compress(&event, on_compress_data);
+        }
+    }
 }
 
 void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const {
@@ -363,7 +386,7 @@ void kvggml_attach(llama_memory_i * memory, uint32_t n_ctx_seq) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with one full-attention KV cache; "
                                     "this model's memory is of another kind (sliding-window, recurrent or hybrid)");
     }
-    kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv, n_ctx_seq);
+    kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv);
     LLAMA_LOG_INFO("%s: kvggml compression on: window %u, sinks %u, level %u, preset %s, %u f16 cells for n_ctx %u\n",
                    __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), n_ctx_seq);
 }

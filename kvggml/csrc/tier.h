@@ -13,6 +13,7 @@
 
 #include "codec.h"
 #include "config.h"
+#include "kvggml.h"
 #include "llama.h"
 
 struct ggml_tensor;
@@ -45,7 +46,7 @@ struct LayerView {
 
 class Tier {
 public:
-    Tier(const Config & config, llama_kv_cache & kv, uint32_t n_ctx_seq);
+    Tier(const Config & config, llama_kv_cache & kv);
 
     // After a micro-batch: encode every whole block of old tokens, free their cells.
     void compress();
@@ -60,6 +61,14 @@ public:
     size_t   exact_bytes() const;  // the f16 cells of the cache, K and V, all layers
     // Changes whenever the set of blocks does, so graphs built for another set are not reused.
     uint64_t generation() const { return gen; }
+
+    // Encoded bytes of block b, K and V, all layers.
+    uint64_t block_bytes(size_t b) const;
+    // f16 bytes one block held before compression.
+    uint64_t block_f16_bytes() const;
+
+    kvggml_compress_callback on_compress = nullptr;
+    void * on_compress_data = nullptr;
 
     // Custom-op bodies: decode layer `view` into dst, blocks split across threads.
     void decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const;

@@ -118,6 +118,46 @@ typedef struct kvggml_stats {
 // Totals of the context's KV cache. Fields stay 0 where the memory is not a plain KV cache.
 KVGGML_API int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out);
 
+// One compressed block: a run of 2^level consecutive positions of one sequence.
+typedef struct kvggml_segment {
+    int32_t  seq_id;
+    int32_t  p0;     // first position
+    int32_t  p1;     // one past the last position
+    int32_t  level;  // Haar levels it was encoded with
+    uint64_t bytes;  // encoded size, K and V, all layers
+} kvggml_segment;
+
+// The compressed blocks of sequence seq_id (-1: every sequence), in position order. Writes
+// at most `capacity` of them to out (which may be NULL when capacity is 0) and returns how
+// many there are, or a negative error code.
+KVGGML_API int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out,
+                                       size_t capacity);
+
+// The compressed-segment bitmap of sequence seq_id: bit k (LSB first) is 1 when the block slot
+// of positions [sinks + k*B, sinks + (k+1)*B) is compressed, B = 2^level (a block that no
+// longer starts on a slot, after tokens were removed, marks the slot holding its first
+// position). Writes n_bytes bytes
+// and returns the number of meaningful bits (one per block slot up to the last compressed
+// block), or a negative error code.
+KVGGML_API int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes);
+
+// A block was just compressed. Called on the thread that runs llama_decode, once per block,
+// after the block is stored and before its cells are reused.
+typedef struct kvggml_event {
+    int32_t  seq_id;
+    int32_t  p0;
+    int32_t  p1;
+    int32_t  level;
+    uint64_t bytes_before;  // the block's f16 K and V, all layers
+    uint64_t bytes_after;   // encoded
+} kvggml_event;
+typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
+
+// Register (or, with NULL, remove) the context's callback. KVGGML_ERROR_ARGUMENT when the
+// context does not compress.
+KVGGML_API int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback,
+                                                void * user_data);
+
 #ifdef __cplusplus
 }
 #endif
