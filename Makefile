@@ -1,6 +1,7 @@
 # kvggml: one entry point for set-up, build, the evaluator and the tests.
 #   make eval     set up everything, then evaluate codecs on the default model
 #   make test     set up everything, then run the test suite
+#   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
 PYTHON ?= python3
@@ -24,6 +25,9 @@ build: setup
 
 eval: build
 	$(VENV)/bin/kvggml eval
+
+chat: build
+	$(VENV)/bin/kvggml chat
 
 test: build
 	$(PY) -m pytest

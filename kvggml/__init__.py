@@ -6,3 +6,12 @@ llama_cpp is imported.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Llama loads libllama: only on first use, so importing kvggml stays free of native code.
+    if name == "Llama":
+        from kvggml.llama import Llama
+
+        return Llama
+    raise AttributeError(f"module 'kvggml' has no attribute {name!r}")

