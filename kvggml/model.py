@@ -68,7 +68,8 @@ class Runner:
     """One model and one context, driven through llama.cpp's C API (no sampling, no chat template)."""
 
     def __init__(self, llama_cpp: ModuleType, model_path: Path, n_ctx: int, n_batch: int = 512,
-                 type_k: int = 1, type_v: int = 1, n_threads: int | None = None, flash_attn: bool = True):
+                 type_k: int = 1, type_v: int = 1, n_threads: int | None = None, flash_attn: bool = True,
+                 n_seq_max: int = 1):
         self.lib = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -79,6 +80,8 @@ class Runner:
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = n_seq_max > 1  # one cache shared by the sequences
         cparams.type_k = type_k
         cparams.type_v = type_v
         # Quantized V needs flash attention; the evaluator uses it everywhere so all rows run the same kernel.
@@ -121,8 +124,9 @@ class Runner:
             raise RuntimeError(f"tokenization needs {-n} tokens, more than the {n_max} allotted")
         return np.ctypeslib.as_array(buf)[:n].copy()
 
-    def decode(self, tokens: np.ndarray, start_pos: int, want_logits: bool = False) -> np.ndarray | None:
-        """Feed tokens at positions start_pos.. in micro-batches; float32 (n, n_vocab) logits when asked."""
+    def decode(self, tokens: np.ndarray, start_pos: int, want_logits: bool = False,
+               seq_id: int = 0) -> np.ndarray | None:
+        """Feed tokens of one sequence at positions start_pos.. in micro-batches; float32 (n, n_vocab) logits when asked."""
         out = []
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
@@ -132,7 +136,7 @@ class Runner:
                 b.token[j] = int(tok)
                 b.pos[j] = start_pos + i + j
                 b.n_seq_id[j] = 1
-                b.seq_id[j][0] = 0
+                b.seq_id[j][0] = seq_id
                 b.logits[j] = want_logits
             rc = self.lib.llama_decode(self.ctx, b)
             if rc != 0:

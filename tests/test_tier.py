@@ -166,3 +166,51 @@ def test_the_api_refuses_a_context_without_compression(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env={**env, "KVGGML_LIB": "patched"}, capture_output=True,
                          text=True, timeout=120)
     assert "kvggml_get_segments failed: invalid argument (is compression on for this context?" in res.stdout
+
+
+SEQUENCES = """
+import json, numpy as np
+from kvggml.library import load_llama_cpp
+from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
+from kvggml import native
+ll = load_llama_cpp(); silence_llama_logs(ll)
+out = {}
+with Runner(ll, default_model_path(), n_ctx=4096, n_seq_max=2, n_threads=2) as run:
+    text = run.tokenize(default_text())
+    a, b = text[:800], text[2000:2800]
+    run.decode(a, 0, seq_id=0)
+    run.decode(b, 0, seq_id=1)
+    seg = lambda s: [(x["p0"], x["p1"], x["bytes"]) for x in native.get_segments(run.ctx, s)]
+    out["seq0"], out["seq1"] = seg(0), seg(1)
+    # seq_add over compressed positions is refused whole: nothing moves
+    ll.llama_memory_seq_add(run.memory, 0, 0, 100, 5)
+    out["after_add"] = seg(0)
+    out["pos_max_after_add"] = ll.llama_memory_seq_pos_max(run.memory, 0)
+    ll.llama_memory_seq_keep(run.memory, 0)
+    out["after_keep"] = (seg(0), seg(1))
+    ll.llama_memory_seq_cp(run.memory, 0, 1, -1, -1)
+    out["after_cp"] = seg(1)
+    kept = run.decode(text[800:832], 800, want_logits=True, seq_id=0)
+with Runner(ll, default_model_path(), n_ctx=4096, n_threads=2) as fresh:
+    fresh.decode(a, 0)
+    alone = fresh.decode(text[800:832], 800, want_logits=True)
+out["same_top1"] = float((kept.argmax(-1) == alone.argmax(-1)).mean())
+out["max_logit_diff"] = float(np.abs(kept - alone).max())
+print(json.dumps(out))
+"""
+
+
+def test_sequence_operations_follow_the_compressed_blocks():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    env.update({"KVGGML_LIB": "patched", **ON})
+    res = subprocess.run([sys.executable, "-c", SEQUENCES], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    n_blocks = (800 - 4 - WINDOW) // 16
+    assert len(out["seq0"]) == len(out["seq1"]) == n_blocks
+    assert out["after_add"] == out["seq0"] and out["pos_max_after_add"] == 799
+    assert out["after_keep"] == [out["seq0"], []]
+    assert out["after_cp"] == out["seq0"]
+    # sequence 0 after keep decodes as a fresh context fed only its tokens
+    assert out["same_top1"] == 1.0 and out["max_logit_diff"] < 0.5

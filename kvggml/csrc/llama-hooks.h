@@ -43,5 +43,12 @@ void kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const l
 void kvggml_clear(llama_kv_cache & kv);
 // false when [p0, p1) cuts through a compressed block (llama.cpp's "cannot remove part").
 bool kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+// seq_keep drops the other sequences' blocks. seq_cp copies the blocks inside [p0, p1); it
+// returns false, and copies nothing, when the range cuts a block.
+void kvggml_seq_keep(llama_kv_cache & kv, llama_seq_id seq_id);
+bool kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+// seq_add / seq_div cannot move compressed keys (they carry RoPE at their old positions):
+// false, with an error logged, when [p0, p1) holds compressed tokens of the sequence.
+bool kvggml_can_move(const llama_kv_cache & kv, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 // true when the cache holds compressed tokens (shifting and state saving refuse then).
 bool kvggml_holds_compressed(const llama_kv_cache & kv);

@@ -357,6 +357,69 @@ bool Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     return true;
 }
 
+void Tier::seq_keep(llama_seq_id seq_id) {
+    std::vector<bool> drop(blks.size());
+    bool any = false;
+    for (size_t b = 0; b < blks.size(); ++b) {
+        drop[b] = blks[b].seq != seq_id;
+        any = any || drop[b];
+    }
+    if (any) {
+        erase_blocks(drop);
+    }
+}
+
+bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    std::vector<size_t> copies;
+    for (size_t b = 0; b < blks.size(); ++b) {
+        const Block & blk = blks[b];
+        if (blk.seq != src || blk.p1 <= p0 || blk.p0 >= p1) {
+            continue;
+        }
+        if (blk.p0 < p0 || blk.p1 > p1) {
+            LLAMA_LOG_ERROR("%s: kvggml: [%d, %d) cuts the compressed block [%d, %d) of sequence %d: nothing copied\n",
+                            __func__, p0, p1, blk.p0, blk.p1, src);
+            return false;
+        }
+        copies.push_back(b);
+    }
+    for (const size_t b : copies) {
+        for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
+            for (Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
+                const std::vector<uint8_t> block(s->bytes.begin() + s->offsets[b], s->bytes.begin() + s->offsets[b + 1]);
+                s->bytes.insert(s->bytes.end(), block.begin(), block.end());
+                s->offsets.push_back(s->bytes.size());
+            }
+        }
+        blks.push_back({dst, blks[b].p0, blks[b].p1});
+    }
+    if (!copies.empty()) {
+        ++gen;
+    }
+    return true;
+}
+
+bool Tier::holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    for (const Block & blk : blks) {
+        if ((seq_id < 0 || blk.seq == seq_id) && blk.p1 > p0 && blk.p0 < p1) {
+            return true;
+        }
+    }
+    return false;
+}
+
 } // namespace kvggml
 
 using kvggml::Tier;
@@ -450,6 +513,25 @@ void kvggml_clear(llama_kv_cache & kv) {
 
 bool kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     return !kv.kvggml_tier || kv.kvggml_tier->seq_rm(seq_id, p0, p1);
+}
+
+void kvggml_seq_keep(llama_kv_cache & kv, llama_seq_id seq_id) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->seq_keep(seq_id);
+    }
+}
+
+bool kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    return !kv.kvggml_tier || kv.kvggml_tier->seq_cp(src, dst, p0, p1);
+}
+
+bool kvggml_can_move(const llama_kv_cache & kv, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (!kv.kvggml_tier || !kv.kvggml_tier->holds(seq_id, p0, p1)) {
+        return true;
+    }
+    LLAMA_LOG_ERROR("%s: kvggml: %s on sequence %d [%d, %d) would move compressed keys, which carry RoPE at their "
+                    "old positions: refused, nothing changed\n", __func__, op, seq_id, p0, p1);
+    return false;
 }
 
 bool kvggml_holds_compressed(const llama_kv_cache & kv) {

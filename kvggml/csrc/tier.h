@@ -53,6 +53,10 @@ public:
 
     void clear();
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void seq_keep(llama_seq_id seq_id);
+    bool seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+    // Does [p0, p1) of the sequence (-1: any) hold compressed tokens?
+    bool holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
 
     const Config & config() const { return cfg; }
     const std::vector<Block> & blocks() const { return blks; }
