@@ -60,6 +60,16 @@ BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels) 
     return *codec;
 }
 
+// llama.cpp's convention for position ranges: p0 < 0 is 0, p1 < 0 is "to the end".
+void normalise_range(llama_pos & p0, llama_pos & p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+}
+
 void decode_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * view = static_cast<const LayerView *>(userdata);
     view->tier->decode_into(*view, dst, ith, nth);
@@ -333,12 +343,7 @@ void Tier::clear() {
 }
 
 bool Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    if (p0 < 0) {
-        p0 = 0;
-    }
-    if (p1 < 0) {
-        p1 = std::numeric_limits<llama_pos>::max();
-    }
+    normalise_range(p0, p1);
     std::vector<bool> drop(blks.size(), false);
     bool any = false;
     for (size_t b = 0; b < blks.size(); ++b) {
@@ -370,12 +375,7 @@ void Tier::seq_keep(llama_seq_id seq_id) {
 }
 
 bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
-    if (p0 < 0) {
-        p0 = 0;
-    }
-    if (p1 < 0) {
-        p1 = std::numeric_limits<llama_pos>::max();
-    }
+    normalise_range(p0, p1);
     std::vector<size_t> copies;
     for (size_t b = 0; b < blks.size(); ++b) {
         const Block & blk = blks[b];
@@ -406,12 +406,7 @@ bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1
 }
 
 bool Tier::holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
-    if (p0 < 0) {
-        p0 = 0;
-    }
-    if (p1 < 0) {
-        p1 = std::numeric_limits<llama_pos>::max();
-    }
+    normalise_range(p0, p1);
     for (const Block & blk : blks) {
         if ((seq_id < 0 || blk.seq == seq_id) && blk.p1 > p0 && blk.p0 < p1) {
             return true;
