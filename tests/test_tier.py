@@ -70,7 +70,7 @@ def test_long_prompt_is_compressed_while_it_is_read(runs):
     assert stats["blocks"] * 16 == stats["compressed_tokens"]
     # the cache was sized for sinks + window + block + batch, far below n_ctx: the prompt only fit
     # because blocks were compressed between micro-batches
-    assert stats["exact_cells"] == 1024 < TOKENS
+    assert stats["exact_cells"] == 800 < TOKENS  # 4 + 256 + 16 + 512, padded to 32
     before = runs["balanced"]["stats_after_prefix"]
     assert 0 < before["compressed_tokens"] <= stats["compressed_tokens"]
 

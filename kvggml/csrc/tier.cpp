@@ -430,7 +430,7 @@ uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq
         return n_ctx_seq;
     }
     const uint64_t per_seq = (uint64_t) cfg.sinks + cfg.threshold + cfg.block_tokens();
-    const uint64_t cells = GGML_PAD(per_seq * n_seq_max + n_batch, 256);
+    const uint64_t cells = GGML_PAD(per_seq * n_seq_max + n_batch, 32);  // small padding: every cell is f16 memory
     return (uint32_t) std::min<uint64_t>(cells, n_ctx_seq);
 }
 
