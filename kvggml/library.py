@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Mapping
 
-from kvggml.config import ConfigError, Setting
+from kvggml.config import Setting
 
 VARIANTS = ("stock", "patched")
 LIB_SETTING = Setting("KVGGML_LIB", "patched", "which libllama kvggml loads: the patched build or stock llama.cpp",
@@ -87,5 +87,5 @@ def kvggml_version(lib: ctypes.CDLL) -> str | None:
     return fn().decode()
 
 
-__all__ = ["ConfigError", "LibraryChoice", "VARIANTS", "build_dir", "choose_library", "kvggml_version",
+__all__ = ["LibraryChoice", "VARIANTS", "build_dir", "choose_library", "kvggml_version",
            "library_dir", "load_llama_cpp", "loaded_library_path"]

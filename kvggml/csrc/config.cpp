@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -34,13 +35,13 @@ uint32_t env_int(const char * name, uint32_t def, uint32_t lo, uint32_t hi) {
     }
     const std::string range = "expected an integer from " + std::to_string(lo) + " to " + std::to_string(hi);
     const std::string value = trim(raw);
-    const bool digits = (!value.empty() && value.find_first_not_of("0123456789") == std::string::npos)
-                        || (value.size() > 1 && value[0] == '-' && value.find_first_not_of("0123456789", 1) == std::string::npos);
-    if (!digits) {
+    char * end = nullptr;
+    errno = 0;
+    const long long number = std::strtoll(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0') {
         throw std::invalid_argument(std::string(name) + "='" + raw + "' is not an integer: " + range);
     }
-    const long long number = value.size() > 18 ? (value[0] == '-' ? -1 : (long long) hi + 1) : std::stoll(value);
-    if (number < (long long) lo || number > (long long) hi) {
+    if (errno == ERANGE || number < (long long) lo || number > (long long) hi) {
         throw std::invalid_argument(std::string(name) + "='" + raw + "' is out of range: " + range);
     }
     return (uint32_t) number;

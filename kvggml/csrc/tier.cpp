@@ -310,7 +310,12 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     }
 }
 
-void Tier::erase_blocks(const std::vector<bool> & drop) {
+template <typename Pred> void Tier::erase_blocks_if(Pred pred) {
+    std::vector<bool> drop(blks.size());
+    std::transform(blks.begin(), blks.end(), drop.begin(), pred);
+    if (std::find(drop.begin(), drop.end(), true) == drop.end()) {
+        return;
+    }
     std::vector<Block> kept;
     for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
         for (Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
@@ -344,34 +349,16 @@ void Tier::clear() {
 
 bool Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     normalise_range(p0, p1);
-    std::vector<bool> drop(blks.size(), false);
-    bool any = false;
-    for (size_t b = 0; b < blks.size(); ++b) {
-        const Block & blk = blks[b];
-        if ((seq_id >= 0 && blk.seq != seq_id) || blk.p1 <= p0 || blk.p0 >= p1) {
-            continue;
-        }
-        if (blk.p0 < p0 || blk.p1 > p1) {
-            return false;  // would cut a block in two: refuse rather than lose its other tokens
-        }
-        drop[b] = any = true;
+    const auto hit = [&](const Block & blk) { return (seq_id < 0 || blk.seq == seq_id) && blk.overlaps(p0, p1); };
+    if (std::any_of(blks.begin(), blks.end(), [&](const Block & blk) { return hit(blk) && !blk.inside(p0, p1); })) {
+        return false;  // would cut a block in two: refuse rather than lose its other tokens
     }
-    if (any) {
-        erase_blocks(drop);
-    }
+    erase_blocks_if(hit);
     return true;
 }
 
 void Tier::seq_keep(llama_seq_id seq_id) {
-    std::vector<bool> drop(blks.size());
-    bool any = false;
-    for (size_t b = 0; b < blks.size(); ++b) {
-        drop[b] = blks[b].seq != seq_id;
-        any = any || drop[b];
-    }
-    if (any) {
-        erase_blocks(drop);
-    }
+    erase_blocks_if([&](const Block & blk) { return blk.seq != seq_id; });
 }
 
 bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
@@ -379,10 +366,10 @@ bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1
     std::vector<size_t> copies;
     for (size_t b = 0; b < blks.size(); ++b) {
         const Block & blk = blks[b];
-        if (blk.seq != src || blk.p1 <= p0 || blk.p0 >= p1) {
+        if (blk.seq != src || !blk.overlaps(p0, p1)) {
             continue;
         }
-        if (blk.p0 < p0 || blk.p1 > p1) {
+        if (!blk.inside(p0, p1)) {
             LLAMA_LOG_ERROR("%s: kvggml: [%d, %d) cuts the compressed block [%d, %d) of sequence %d: nothing copied\n",
                             __func__, p0, p1, blk.p0, blk.p1, src);
             return false;
@@ -408,7 +395,7 @@ bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1
 bool Tier::holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
     normalise_range(p0, p1);
     for (const Block & blk : blks) {
-        if ((seq_id < 0 || blk.seq == seq_id) && blk.p1 > p0 && blk.p0 < p1) {
+        if ((seq_id < 0 || blk.seq == seq_id) && blk.overlaps(p0, p1)) {
             return true;
         }
     }

@@ -26,6 +26,9 @@ struct Block {
     llama_seq_id seq;
     llama_pos    p0;  // first position
     llama_pos    p1;  // one past the last position
+
+    bool overlaps(llama_pos q0, llama_pos q1) const { return p1 > q0 && p0 < q1; }
+    bool inside(llama_pos q0, llama_pos q1) const { return p0 >= q0 && p1 <= q1; }
 };
 
 // The encoded bytes of every block for one layer's K or V.
@@ -92,7 +95,8 @@ private:
     std::vector<LayerView> views;   // 2 per cache layer: K, V
     uint64_t gen = 0;
 
-    void erase_blocks(const std::vector<bool> & drop);
+    // Drop the blocks `drop` selects, with their bytes in every stream.
+    template <typename Pred> void erase_blocks_if(Pred drop);
 };
 
 } // namespace kvggml
