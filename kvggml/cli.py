@@ -95,7 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = Llama(str(model), compression=not args.no_compression, n_ctx=args.ctx, n_threads=args.threads,
                 verbose=False)
     print(f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
-          f"{'on (' + llm.compression.settings.preset + ')' if llm.compression.enabled else 'off'}; "
+          f"{'on (' + llm.compression.settings()['preset'] + ')' if llm.compression.enabled else 'off'}; "
           "an empty line or end of input quits")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:

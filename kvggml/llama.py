@@ -19,14 +19,21 @@ llama_cpp = load_llama_cpp()
 class Compression:
     """What the context's KV cache holds, and a hook on every compressed block."""
 
-    def __init__(self, llm: "Llama", settings: CompressionConfig):
+    def __init__(self, llm: "Llama"):
         self._llm = llm
-        self.settings = settings
         self._callback: native.CompressCallback | None = None
 
     @property
     def enabled(self) -> bool:
         return self.stats()["enabled"] == 1
+
+    def settings(self) -> dict:
+        """threshold, sinks, level, recent_capacity (sinks + threshold the cache was sized for), preset."""
+        return native.get_settings(self._llm.ctx)
+
+    def configure(self, **changes) -> dict:
+        """Change threshold, sinks and/or preset from the next decode on (ValueError names a bad value)."""
+        return native.set_settings(self._llm.ctx, **changes)
 
     def stats(self) -> dict:
         """exact_cells, exact_bytes, compressed_bytes, compressed_tokens, blocks, encode_us, decode_us."""
@@ -63,7 +70,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args, compression: bool | None = True, **kwargs):
         if compression is not None:
             os.environ["OLLAMA_KV_COMPRESSION"] = "1" if compression else "0"
-        settings = CompressionConfig.from_env()
+        CompressionConfig.from_env()  # a bad variable fails here with its message, not as a failed context
         kwargs.setdefault("flash_attn", True)
         super().__init__(model_path, *args, **kwargs)
-        self.compression = Compression(self, settings)
+        self.compression = Compression(self)

@@ -14,11 +14,12 @@ from cffi import FFI
 
 from kvggml.library import loaded_library_path
 
-# From kvggml/csrc/include/kvggml.h; tests/test_native.py checks the two agree.
+# From kvggml/csrc/include/kvggml.h; tests/test_tier.py checks the structs agree.
 CDEF = """
 const char * kvggml_version_string(void);
 unsigned     kvggml_version_number(void);
 const char * kvggml_error_name(int32_t code);
+const char * kvggml_last_error(void);
 
 typedef struct kvggml_stats {
     int32_t  enabled;
@@ -37,6 +38,7 @@ typedef struct kvggml_segment {
     int32_t  p0;
     int32_t  p1;
     int32_t  level;
+    uint32_t n_tokens;
     uint64_t bytes;
 } kvggml_segment;
 int64_t kvggml_get_segments(const void * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity);
@@ -52,6 +54,16 @@ typedef struct kvggml_event {
 } kvggml_event;
 typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
 int32_t kvggml_set_compress_callback(void * ctx, kvggml_compress_callback callback, void * user_data);
+
+typedef struct kvggml_settings {
+    uint32_t threshold;
+    uint32_t sinks;
+    uint32_t level;
+    uint32_t recent_capacity;
+    char     preset[16];
+} kvggml_settings;
+int32_t kvggml_get_settings(const void * ctx, kvggml_settings * out);
+int32_t kvggml_set_settings(void * ctx, const kvggml_settings * settings);
 """
 
 ffi = FFI()
@@ -85,17 +97,19 @@ def _pointer(ctx):
 
 def _check(rc: int, what: str) -> int:
     if rc < 0:
-        raise RuntimeError(f"{what} failed: {ffi.string(open_library().kvggml_error_name(rc)).decode()} "
-                           "(is compression on for this context? OLLAMA_KV_COMPRESSION=1)")
+        lib = open_library()
+        detail = ffi.string(lib.kvggml_last_error()).decode() or ffi.string(lib.kvggml_error_name(rc)).decode()
+        raise RuntimeError(f"{what} failed: {detail}")
     return rc
 
 
 def _as_dict(record, ctype: str) -> dict:
-    return {name: int(getattr(record, name)) for name, _ in ffi.typeof(ctype).fields}
+    return {name: ffi.string(value).decode() if field.type.kind == "array" else int(value)
+            for name, field in ffi.typeof(ctype).fields for value in [getattr(record, name)]}
 
 
 def get_segments(ctx, seq_id: int = -1) -> list[dict]:
-    """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, bytes."""
+    """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, n_tokens, bytes."""
     lib = open_library()
     n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_segments")
     out = ffi.new("kvggml_segment[]", max(n, 1))
@@ -148,6 +162,39 @@ def get_stats(ctx) -> dict:
     out = ffi.new("kvggml_stats *")
     _check(open_library().kvggml_get_stats(_pointer(ctx), out), "kvggml_get_stats")
     return _as_dict(out, "kvggml_stats")
+
+
+def get_settings(ctx) -> dict:
+    """threshold, sinks, level, recent_capacity, preset of a context that compresses."""
+    out = ffi.new("kvggml_settings *")
+    _check(open_library().kvggml_get_settings(_pointer(ctx), out), "kvggml_get_settings")
+    return _as_dict(out, "kvggml_settings")
+
+
+def set_settings(ctx, **changes) -> dict:
+    """Change threshold, sinks and/or preset from the next decode on; returns the new settings.
+
+    A value out of range raises ValueError naming it and the allowed range; nothing changes then.
+    """
+    current = get_settings(ctx)
+    unknown = set(changes) - set(current)
+    if unknown:
+        raise ValueError(f"no setting {', '.join(sorted(unknown))}: the settings are {', '.join(current)}")
+    new = {**current, **changes}
+    settings = ffi.new("kvggml_settings *")
+    for name in ("threshold", "sinks", "level", "recent_capacity"):
+        value = new[name]
+        if not isinstance(value, int) or not 0 <= value < 2**32:
+            raise ValueError(f"{name}={value!r} is out of range: expected an integer from 0 to {2**32 - 1}")
+        setattr(settings, name, value)
+    preset = str(new["preset"]).encode()
+    if len(preset) >= len(settings.preset):
+        raise ValueError(f"preset={new['preset']!r} is not allowed: expected one of hi, balanced, lo")
+    settings.preset = preset
+    lib = open_library()
+    if lib.kvggml_set_settings(_pointer(ctx), settings) < 0:
+        raise ValueError(ffi.string(lib.kvggml_last_error()).decode())
+    return get_settings(ctx)
 
 
 def stats_or_none(llama_cpp: ModuleType, ctx: int) -> dict | None:

@@ -121,11 +121,6 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
     assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
 
 
-def test_compressed_cache_refuses_shift(runs):
-    assert runs["patched-off"]["can_shift"] is True
-    assert runs["balanced"]["can_shift"] is False
-
-
 @pytest.mark.parametrize("name,value,message", [
     ("OLLAMA_KV_COMPRESSION_LEVEL", "9", "OLLAMA_KV_COMPRESSION_LEVEL='9' is out of range: expected an integer from 1 to 6"),
     ("OLLAMA_KV_COMPRESSION", "yes", "OLLAMA_KV_COMPRESSION='yes' is not an integer: expected an integer from 0 to 1"),
@@ -145,6 +140,7 @@ def test_callback_reports_each_block_as_the_prompt_is_read(tmp_path):
     assert all(e["seq_id"] == 0 and e["level"] == 4 and e["bytes_after"] < e["bytes_before"] / 4 for e in events)
     # the segments the API lists are the blocks the callback announced, byte for byte
     assert [(s["p0"], s["p1"], s["bytes"]) for s in segments] == [(e["p0"], e["p1"], e["bytes_after"]) for e in events]
+    assert all(s["n_tokens"] == 16 for s in segments)
     assert report["bitmap"] == [True] * n_blocks
     assert sum(s["bytes"] for s in segments) == report["stats"]["compressed_bytes"]
 
@@ -165,7 +161,8 @@ def test_the_api_refuses_a_context_without_compression(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
     res = subprocess.run([sys.executable, "-c", code], env={**env, "KVGGML_LIB": "patched"}, capture_output=True,
                          text=True, timeout=120)
-    assert "kvggml_get_segments failed: invalid argument (is compression on for this context?" in res.stdout
+    assert ("kvggml_get_segments failed: this context does not compress its KV cache "
+            "(create it with OLLAMA_KV_COMPRESSION=1)") in res.stdout
 
 
 SEQUENCES = """
@@ -180,12 +177,8 @@ with Runner(ll, default_model_path(), n_ctx=4096, n_seq_max=2, n_threads=2) as r
     a, b = text[:800], text[2000:2800]
     run.decode(a, 0, seq_id=0)
     run.decode(b, 0, seq_id=1)
-    seg = lambda s: [(x["p0"], x["p1"], x["bytes"]) for x in native.get_segments(run.ctx, s)]
+    seg = lambda s: [(x["p0"], x["p1"], x["n_tokens"], x["bytes"]) for x in native.get_segments(run.ctx, s)]
     out["seq0"], out["seq1"] = seg(0), seg(1)
-    # seq_add over compressed positions is refused whole: nothing moves
-    ll.llama_memory_seq_add(run.memory, 0, 0, 100, 5)
-    out["after_add"] = seg(0)
-    out["pos_max_after_add"] = ll.llama_memory_seq_pos_max(run.memory, 0)
     ll.llama_memory_seq_keep(run.memory, 0)
     out["after_keep"] = (seg(0), seg(1))
     ll.llama_memory_seq_cp(run.memory, 0, 1, -1, -1)
@@ -209,7 +202,6 @@ def test_sequence_operations_follow_the_compressed_blocks():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     n_blocks = (800 - 4 - WINDOW) // 16
     assert len(out["seq0"]) == len(out["seq1"]) == n_blocks
-    assert out["after_add"] == out["seq0"] and out["pos_max_after_add"] == 799
     assert out["after_keep"] == [out["seq0"], []]
     assert out["after_cp"] == out["seq0"]
     # sequence 0 after keep decodes as a fresh context fed only its tokens

@@ -3,6 +3,10 @@
 #include "kvggml.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "llama-context.h"
@@ -11,17 +15,38 @@
 
 namespace {
 
+thread_local std::string last_error;
+
+const llama_kv_cache * cache_of(const llama_context * ctx) {
+    return ctx ? kvggml::compressible_cache(const_cast<llama_memory_i *>(llama_get_memory(ctx))) : nullptr;
+}
+
 kvggml::Tier * tier_of(const llama_context * ctx) {
-    const auto * kv = ctx ? dynamic_cast<const llama_kv_cache *>(llama_get_memory(ctx)) : nullptr;
+    const llama_kv_cache * kv = cache_of(ctx);
     return kv ? kv->kvggml_tier.get() : nullptr;
 }
 
+// KVGGML_ERROR_ARGUMENT with its message kept for kvggml_last_error().
+int32_t fail(const std::string & message) {
+    last_error = message;
+    return KVGGML_ERROR_ARGUMENT;
+}
+
+const char * kNoTier = "this context does not compress its KV cache (create it with OLLAMA_KV_COMPRESSION=1)";
+
 } // namespace
+
+const char * kvggml_last_error(void) {
+    return last_error.c_str();
+}
 
 int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity) {
     const kvggml::Tier * tier = tier_of(ctx);
-    if (tier == nullptr || (out == nullptr && capacity > 0)) {
-        return KVGGML_ERROR_ARGUMENT;
+    if (tier == nullptr) {
+        return fail(kNoTier);
+    }
+    if (out == nullptr && capacity > 0) {
+        return fail("out is NULL with a capacity above 0");
     }
     std::vector<size_t> order;
     for (size_t b = 0; b < tier->blocks().size(); ++b) {
@@ -32,19 +57,23 @@ int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kv
     std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
         const auto & x = tier->blocks()[a];
         const auto & y = tier->blocks()[b];
-        return x.seq != y.seq ? x.seq < y.seq : x.p0 < y.p0;
+        return x.seq != y.seq ? x.seq < y.seq : x.first() < y.first();
     });
     for (size_t i = 0; i < order.size() && i < capacity; ++i) {
         const auto & blk = tier->blocks()[order[i]];
-        out[i] = {blk.seq, blk.p0, blk.p1, (int32_t) tier->config().level, tier->block_bytes(order[i])};
+        out[i] = {blk.seq, blk.first(), blk.end(), (int32_t) tier->config().level, blk.n_alive(),
+                  tier->block_bytes(order[i])};
     }
     return (int64_t) order.size();
 }
 
 int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes) {
     const kvggml::Tier * tier = tier_of(ctx);
-    if (tier == nullptr || seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
-        return KVGGML_ERROR_ARGUMENT;
+    if (tier == nullptr) {
+        return fail(kNoTier);
+    }
+    if (seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
+        return fail("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
     }
     const int64_t B = tier->config().block_tokens();
     const int64_t sinks = tier->config().sinks;
@@ -54,7 +83,7 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
         if (blk.seq != seq_id) {
             continue;
         }
-        const int64_t k = (blk.p0 - sinks) / B;  // the slot holding its first position
+        const int64_t k = std::max<int64_t>(blk.first() - sinks, 0) / B;  // the slot holding its first position
         n_bits = std::max(n_bits, k + 1);
         if ((size_t) k / 8 < n_bytes) {
             bits[k / 8] |= (uint8_t) (1u << (k % 8));
@@ -66,7 +95,7 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
 int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback, void * user_data) {
     kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return KVGGML_ERROR_ARGUMENT;
+        return fail(kNoTier);
     }
     tier->on_compress = callback;
     tier->on_compress_data = user_data;
@@ -75,22 +104,66 @@ int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress
 
 int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
     if (ctx == nullptr || out == nullptr) {
-        return KVGGML_ERROR_ARGUMENT;
+        return fail("ctx and out must not be NULL");
     }
     *out = kvggml_stats{};
-    const auto * kv = dynamic_cast<const llama_kv_cache *>(llama_get_memory(ctx));
+    const llama_kv_cache * kv = cache_of(ctx);
     if (kv == nullptr) {
-        return 0;  // no plain KV cache: nothing to report, nothing compressed
+        return KVGGML_OK;  // no full-attention KV cache: nothing to report, nothing compressed
     }
     out->exact_cells = kv->get_size();
     if (const kvggml::Tier * tier = kv->kvggml_tier.get()) {
         out->enabled           = 1;
         out->exact_bytes       = tier->exact_bytes();
         out->compressed_bytes  = tier->compressed_bytes();
-        out->compressed_tokens = tier->n_tokens();
+        out->compressed_tokens = tier->n_alive();
         out->blocks            = tier->blocks().size();
         out->encode_us         = tier->encode_us;
         out->decode_us         = tier->decode_us;
     }
-    return 0;
+    return KVGGML_OK;
+}
+
+int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out) {
+    const kvggml::Tier * tier = tier_of(ctx);
+    if (tier == nullptr) {
+        return fail(kNoTier);
+    }
+    if (out == nullptr) {
+        return fail("out must not be NULL");
+    }
+    const kvggml::Settings s = tier->settings();
+    *out = kvggml_settings{};
+    out->threshold = s.threshold;
+    out->sinks = s.sinks;
+    out->level = tier->config().level;
+    out->recent_capacity = tier->recent_capacity();
+    std::snprintf(out->preset, sizeof(out->preset), "%s", s.preset.c_str());
+    return KVGGML_OK;
+}
+
+int32_t kvggml_set_settings(struct llama_context * ctx, const kvggml_settings * settings) {
+    kvggml::Tier * tier = tier_of(ctx);
+    if (tier == nullptr) {
+        return fail(kNoTier);
+    }
+    if (settings == nullptr) {
+        return fail("settings must not be NULL");
+    }
+    if (settings->level != tier->config().level) {
+        return fail("level " + std::to_string(settings->level) + " cannot change: it is fixed at " +
+                    std::to_string(tier->config().level) + " when the context is created (OLLAMA_KV_COMPRESSION_LEVEL)");
+    }
+    if (settings->recent_capacity != tier->recent_capacity()) {
+        return fail("recent_capacity is read-only: " + std::to_string(tier->recent_capacity()));
+    }
+    if (std::memchr(settings->preset, '\0', sizeof(settings->preset)) == nullptr) {
+        return fail("preset is not NUL-terminated");
+    }
+    try {
+        tier->set_settings({settings->threshold, settings->sinks, settings->preset});
+    } catch (const std::invalid_argument & err) {
+        return fail(err.what());
+    }
+    return KVGGML_OK;
 }

@@ -1,6 +1,8 @@
 #include "config.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <iterator>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -63,6 +65,10 @@ std::array<uint8_t, kMaxLevels + 1> Config::subband_bits() const {
     return bits;
 }
 
+bool is_preset(const std::string & name) {
+    return std::any_of(std::begin(kPresets), std::end(kPresets), [&](const Preset & p) { return name == p.name; });
+}
+
 Config Config::from_env() {
     Config c;
     c.enabled   = env_int("OLLAMA_KV_COMPRESSION", 0, 0, 1) != 0;
@@ -72,11 +78,7 @@ Config Config::from_env() {
     c.hadamard  = env_int("OLLAMA_KV_COMPRESSION_HADAMARD", 1, 0, 1) != 0;
     if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_PRESET"); raw != nullptr && *raw != '\0') {
         const std::string value = trim(raw);
-        bool known = false;
-        for (const auto & p : kPresets) {
-            known = known || value == p.name;
-        }
-        if (!known) {
+        if (!is_preset(value)) {
             throw std::invalid_argument(std::string("OLLAMA_KV_COMPRESSION_PRESET='") + raw +
                                         "' is not allowed: expected one of hi, balanced, lo");
         }

@@ -1,6 +1,7 @@
 // Compression settings read from the environment by the library itself, so every
 // consumer of the patched libllama (llama-cpp-python, llama-perplexity, llama-bench)
-// honours them. Mirrors kvggml/config.py; tests/test_native_config.py checks they agree.
+// honours them. Mirrors kvggml/config.py: the bad-value tests of tests/test_config.py (Python)
+// and tests/test_tier.py (this code) expect the same messages.
 #pragma once
 
 #include <array>
@@ -26,5 +27,8 @@ struct Config {
     // Throws std::invalid_argument naming the variable, the value and the allowed range.
     static Config from_env();
 };
+
+// One of the preset names: hi, balanced, lo.
+bool is_preset(const std::string & name);
 
 } // namespace kvggml

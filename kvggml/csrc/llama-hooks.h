@@ -10,7 +10,10 @@
 struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_tensor;
+struct llama_cparams;
 struct llama_ubatch;
+class llama_io_read_i;
+class llama_io_write_i;
 class llama_kv_cache;
 class llama_kv_cache_context;
 class llama_memory_i;
@@ -25,9 +28,10 @@ class AttnInput;
 // std::invalid_argument on a bad OLLAMA_KV_COMPRESSION* value (context creation fails).
 uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max);
 
-// llama_model::create_memory, once the memory exists: attach the compressed tier to a
-// plain KV cache; throws when compression is on and this memory cannot take it.
-void kvggml_attach(llama_memory_i * memory, uint32_t n_ctx_seq);
+// llama_model::create_memory, once the memory exists: attach the compressed tier to its
+// full-attention KV cache (a plain cache, or the base of a sliding-window one); throws when
+// compression is on and this memory cannot take it. cparams give RoPE for context shifts.
+void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams);
 
 // llama_context::decode, after each micro-batch: move tokens older than the window
 // into the compressed tier and free their cells.
@@ -39,16 +43,29 @@ void kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const l
                              kvggml::AttnInput *& input, int32_t il,
                              ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
 
-// llama_kv_cache memory operations on the compressed tier.
+// llama_kv_cache memory operations on the compressed tier. Removing and copying act per
+// token, so any range works.
 void kvggml_clear(llama_kv_cache & kv);
-// false when [p0, p1) cuts through a compressed block (llama.cpp's "cannot remove part").
-bool kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-// seq_keep drops the other sequences' blocks. seq_cp copies the blocks inside [p0, p1); it
-// returns false, and copies nothing, when the range cuts a block.
+void kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 void kvggml_seq_keep(llama_kv_cache & kv, llama_seq_id seq_id);
-bool kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
-// seq_add / seq_div cannot move compressed keys (they carry RoPE at their old positions):
-// false, with an error logged, when [p0, p1) holds compressed tokens of the sequence.
-bool kvggml_can_move(const llama_kv_cache & kv, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-// true when the cache holds compressed tokens (shifting and state saving refuse then).
-bool kvggml_holds_compressed(const llama_kv_cache & kv);
+void kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+// seq_add / seq_div move compressed tokens and owe their keys the RoPE rotation, applied when
+// they are decoded. false, with an error logged and nothing changed, when the model's RoPE is
+// one kvggml cannot re-apply (kvggml_can_shift then says false too).
+bool kvggml_seq_add(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift);
+bool kvggml_seq_div(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d);
+bool kvggml_can_shift(const llama_kv_cache & kv);
+// llama_kv_cache_iswa::get_can_shift: the window cache holds every token (swa_full) although the
+// compressed base cache has fewer cells than it.
+bool kvggml_swa_is_full(const llama_kv_cache & base, const llama_kv_cache & swa);
+// seq_pos_min / seq_pos_max: the cells' answer (-1: none), widened by the compressed tokens.
+llama_pos kvggml_seq_pos_min(const llama_kv_cache & kv, llama_seq_id seq_id, llama_pos cells_min);
+llama_pos kvggml_seq_pos_max(const llama_kv_cache & kv, llama_seq_id seq_id, llama_pos cells_max);
+
+// state_write / state_read_sinfo: the compressed blocks travel in front of llama.cpp's own
+// data. kvggml_state_read gets the first word read (llama.cpp's stream count, or our magic),
+// reads our section if there is one, and leaves the next word in its place; the blocks take
+// effect in kvggml_state_commit, once llama.cpp's data was read without error.
+void kvggml_state_write(const llama_kv_cache & kv, llama_io_write_i & io, llama_seq_id seq_id);
+void kvggml_state_read(llama_kv_cache & kv, llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word);
+void kvggml_state_commit(llama_kv_cache & kv, llama_seq_id seq_id);

@@ -19,7 +19,11 @@
 #include "llama-graph.h"
 #include "llama-hooks.h"
 #include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
+#include "llama-cparams.h"
 
 namespace kvggml {
 
@@ -70,6 +74,17 @@ void normalise_range(llama_pos & p0, llama_pos & p1) {
     }
 }
 
+// FNV-1a, 64 bits: a saved section's checksum, so a changed byte fails the load instead of
+// decoding into wrong keys and values.
+struct Fnv1a {
+    uint64_t value = 0xcbf29ce484222325ull;
+    void add(const void * data, size_t size) {
+        for (const uint8_t * p = (const uint8_t *) data; size-- > 0; ++p) {
+            value = (value ^ *p) * 0x100000001b3ull;
+        }
+    }
+};
+
 void decode_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * view = static_cast<const LayerView *>(userdata);
     view->tier->decode_into(*view, dst, ith, nth);
@@ -94,10 +109,11 @@ public:
         for (int64_t i = 0; i < mask->ne[1]; ++i) {
             for (int64_t j = 0; j < n_comp; ++j) {
                 const Block & b = blocks[j / B];
+                const llama_pos pos = b.pos[j % B];
                 bool visible = false;
-                if ((uint32_t) i < ubatch->n_tokens) {
+                if ((uint32_t) i < ubatch->n_tokens && pos >= 0) {
                     for (int32_t s = 0; s < ubatch->n_seq_id[i]; ++s) {
-                        visible = visible || (ubatch->seq_id[i][s] == b.seq && b.p1 <= ubatch->pos[i]);
+                        visible = visible || (ubatch->seq_id[i][s] == b.seq && pos <= ubatch->pos[i]);
                     }
                 }
                 const float value = visible ? 0.0f : blocked;
@@ -121,7 +137,32 @@ public:
     const uint64_t generation;
 };
 
-Tier::Tier(const Config & config, llama_kv_cache & kv) : kv(kv), cfg(config) {
+bool Block::empty() const {
+    return std::none_of(pos.begin(), pos.end(), [](llama_pos p) { return p >= 0; });
+}
+
+uint32_t Block::n_alive() const {
+    return (uint32_t) std::count_if(pos.begin(), pos.end(), [](llama_pos p) { return p >= 0; });
+}
+
+llama_pos Block::first() const {
+    llama_pos lo = std::numeric_limits<llama_pos>::max();
+    for (const llama_pos p : pos) {
+        lo = p >= 0 ? std::min(lo, p) : lo;
+    }
+    return lo;
+}
+
+llama_pos Block::end() const {
+    return *std::max_element(pos.begin(), pos.end()) + 1;
+}
+
+bool Block::holds(llama_pos p0, llama_pos p1) const {
+    return std::any_of(pos.begin(), pos.end(), [&](llama_pos p) { return p >= 0 && p >= p0 && p < p1; });
+}
+
+Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cparams)
+    : kv(kv), cfg(config), cells_for_recent(config.sinks + config.threshold), n_ctx(cparams.n_ctx_seq) {
     if (kv.n_stream != 1) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs a unified KV cache (kv_unified) "
                                     "when several sequences are used");
@@ -144,8 +185,7 @@ Tier::Tier(const Config & config, llama_kv_cache & kv) : kv(kv), cfg(config) {
             throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs the same K/V width in every layer");
         }
     }
-    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0));
-    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0));
+    update_params();
     k_streams.resize(n_layer);
     v_streams.resize(n_layer);
     views.reserve(2 * n_layer);
@@ -153,6 +193,36 @@ Tier::Tier(const Config & config, llama_kv_cache & kv) : kv(kv), cfg(config) {
         views.push_back({this, (int32_t) ikv, false, false});
         views.push_back({this, (int32_t) ikv, true, kv.v_trans});
     }
+
+    // Moving compressed keys re-applies RoPE as llama.cpp's own K-shift does (build_rope_shift),
+    // for the plain rotations only; anything else refuses to move them.
+    if (cparams.yarn_ext_factor != 0.0f || cparams.yarn_attn_factor != 1.0f) {
+        no_shift = "YaRN RoPE scaling";
+    } else if (hp.n_pos_per_embd() != 1 || hp.n_lora_kv > 0) {
+        no_shift = "multi-dimensional positions or latent attention";
+    } else if (hp.rope_type != LLAMA_ROPE_TYPE_NORM && hp.rope_type != LLAMA_ROPE_TYPE_NEOX &&
+               hp.rope_type != LLAMA_ROPE_TYPE_NONE) {
+        no_shift = "this model's RoPE type";
+    }
+    for (const auto & layer : kv.layers) {
+        Rope rope;
+        rope.on = hp.rope_type != LLAMA_ROPE_TYPE_NONE && hp.has_rope(layer.il);
+        rope.neox = hp.rope_type == LLAMA_ROPE_TYPE_NEOX;
+        rope.n_rot = (int) hp.n_rot(layer.il);
+        rope.freq_base = kv.model.get_rope_freq_base(cparams, layer.il);
+        rope.freq_scale = kv.model.get_rope_freq_scale(cparams, layer.il);
+        if (rope.on && kv.model.get_rope_factors(cparams, layer.il) != nullptr && no_shift.empty()) {
+            no_shift = "per-dimension RoPE frequency factors";
+        }
+        ropes.push_back(rope);
+    }
+}
+
+void Tier::update_params() {
+    const auto & hp = kv.hparams;
+    const uint32_t il0 = kv.layers.front().il;
+    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0));
+    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0));
 }
 
 const LayerView * Tier::view(int32_t il, bool is_v) const {
@@ -187,6 +257,14 @@ size_t Tier::compressed_bytes() const {
         total += k_streams[i].bytes.size() + v_streams[i].bytes.size();
     }
     return total;
+}
+
+uint64_t Tier::n_alive() const {
+    uint64_t n = 0;
+    for (const Block & blk : blks) {
+        n += blk.n_alive();
+    }
+    return n;
 }
 
 void Tier::compress() {
@@ -229,6 +307,22 @@ void Tier::compress() {
         return;
     }
 
+    // The cells left are moved to the front, in order: the layout a saved state restores to,
+    // so a restored context computes exactly what this one does.
+    std::vector<bool> leaving(kv_size);
+    for (const auto & run : runs) {
+        for (const uint32_t idx : run) {
+            leaving[idx] = true;
+        }
+    }
+    std::vector<uint32_t> kept;
+    for (uint32_t idx = 0; idx < kv_size; ++idx) {
+        if (!cells.is_empty(idx) && !leaving[idx]) {
+            kept.push_back(idx);
+        }
+    }
+    const bool compact = !cells.get_has_shift();  // a pending K-shift is kept per cell: leave them be
+
     const uint64_t t0 = now_us();
     std::vector<ggml_fp16_t> tensor;  // one layer's whole K or V, as stored
     std::vector<ggml_fp16_t> rows;    // one block, token-major
@@ -256,22 +350,70 @@ void Tier::compress() {
                 stream.bytes.resize(start + n);
                 stream.offsets.push_back(stream.bytes.size());
             }
+            if (compact) {
+                for (size_t k = 0; k < kept.size(); ++k) {  // kept[k] >= k: copying upwards is safe
+                    for (int64_t c = 0; c < C; ++c) {
+                        auto & to = transposed ? tensor[c * kv_size + k] : tensor[k * C + c];
+                        to = transposed ? tensor[c * kv_size + kept[k]] : tensor[kept[k] * C + c];
+                    }
+                }
+                ggml_backend_tensor_set(t, tensor.data(), 0, tensor.size() * sizeof(ggml_fp16_t));
+            }
         }
     }
     for (size_t r = 0; r < runs.size(); ++r) {
-        blks.push_back({run_seq[r], cells.pos_get(runs[r].front()), cells.pos_get(runs[r].back()) + 1});
+        Block blk{run_seq[r], {}, std::vector<llama_pos>(B, 0)};
         for (const uint32_t idx : runs[r]) {
+            blk.pos.push_back(cells.pos_get(idx));
             cells.rm(idx);
         }
+        blks.push_back(std::move(blk));
+    }
+    if (compact) {
+        const llama_kv_cells moved = cells.cp(kept);
+        for (const uint32_t idx : kept) {
+            cells.rm(idx);
+        }
+        cells.set(0, moved);
     }
     kv.v_heads[0] = 0;
     ++gen;
     encode_us += now_us() - t0;
     if (on_compress) {
         for (size_t b = blks.size() - runs.size(); b < blks.size(); ++b) {
-            const kvggml_event event = {blks[b].seq, blks[b].p0, blks[b].p1, (int32_t) cfg.level,
+            const kvggml_event event = {blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level,
                                         block_f16_bytes(), block_bytes(b)};
             on_compress(&event, on_compress_data);
+        }
+    }
+}
+
+void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const {
+    const int64_t head_dim = kv.hparams.n_embd_head_k(kv.layers.front().il);
+    const int half = rope.n_rot / 2;
+    // pair (a, b) of dimension pair i: NORM rotates (2i, 2i+1), NEOX (i, i + n_rot/2)
+    const int step = rope.neox ? 1 : 2, other = rope.neox ? half : 1;
+    const float theta_scale = powf(rope.freq_base, -2.0f / rope.n_rot);
+    thread_local std::vector<float> cos_sin;
+    cos_sin.resize(2 * half);
+    for (size_t r = 0; r < blk.pos.size(); ++r) {
+        if (blk.moved[r] == 0) {
+            continue;
+        }
+        float theta = (float) blk.moved[r];  // as ggml_rope_cache_init: theta *= theta_scale per pair
+        for (int i = 0; i < half; ++i) {
+            cos_sin[2 * i] = cosf(rope.freq_scale * theta);
+            cos_sin[2 * i + 1] = sinf(rope.freq_scale * theta);
+            theta *= theta_scale;
+        }
+        for (int64_t h = 0; h < C / head_dim; ++h) {
+            uint16_t * x = rows + r * C + h * head_dim;
+            for (int i = 0; i < half; ++i) {
+                const int a = i * step, b = a + other;
+                const float x0 = fp16_to_fp32(x[a]), x1 = fp16_to_fp32(x[b]);
+                x[a] = fp32_to_fp16(x0 * cos_sin[2 * i] - x1 * cos_sin[2 * i + 1]);
+                x[b] = fp32_to_fp16(x0 * cos_sin[2 * i + 1] + x1 * cos_sin[2 * i]);
+            }
         }
     }
 }
@@ -284,6 +426,7 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     const int64_t n_blocks = (int64_t) blks.size();
     const int64_t C = view.is_v ? kv.hparams.n_embd_v_gqa(kv.layers[view.ikv].il) : kv.hparams.n_embd_k_gqa(kv.layers[view.ikv].il);
     const int64_t n_comp = n_blocks * B;
+    const Rope & rope = ropes[view.ikv];
     BlockCodec & codec = thread_codec(params, (int32_t) C);
     thread_local std::vector<float> block;
     block.resize((size_t) B * C);
@@ -293,7 +436,11 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
         const size_t size = stream.offsets[b + 1] - stream.offsets[b];
         int rc;
         if (!view.transposed) {
-            rc = codec.decode_f16(data, size, (uint16_t *) out + b * B * C, (size_t) C);
+            auto * rows = (uint16_t *) out + b * B * C;
+            rc = codec.decode_f16(data, size, rows, (size_t) C);
+            if (!view.is_v && rope.on) {
+                rotate_keys(rope, blks[b], rows, C);
+            }
         } else {
             // dst is [channel][token]: the layout of a transposed V cache
             rc = codec.decode(data, size, block.data());
@@ -331,10 +478,26 @@ template <typename Pred> void Tier::erase_blocks_if(Pred pred) {
     }
     for (size_t b = 0; b < blks.size(); ++b) {
         if (!drop[b]) {
-            kept.push_back(blks[b]);
+            kept.push_back(std::move(blks[b]));
         }
     }
     blks = std::move(kept);
+    ++gen;
+}
+
+void Tier::append_copy(const Block & blk, const std::vector<Stream> & from_k, const std::vector<Stream> & from_v,
+                       size_t b) {
+    for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
+        for (const bool is_v : {false, true}) {
+            const Stream & from = is_v ? from_v[ikv] : from_k[ikv];
+            Stream & to = is_v ? v_streams[ikv] : k_streams[ikv];
+            // copied first: `from` may be `to`, whose storage the insert can move
+            const std::vector<uint8_t> bytes(from.bytes.begin() + from.offsets[b], from.bytes.begin() + from.offsets[b + 1]);
+            to.bytes.insert(to.bytes.end(), bytes.begin(), bytes.end());
+            to.offsets.push_back(to.bytes.size());
+        }
+    }
+    blks.push_back(blk);
     ++gen;
 }
 
@@ -347,67 +510,240 @@ void Tier::clear() {
     ++gen;
 }
 
-bool Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+void Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     normalise_range(p0, p1);
-    const auto hit = [&](const Block & blk) { return (seq_id < 0 || blk.seq == seq_id) && blk.overlaps(p0, p1); };
-    if (std::any_of(blks.begin(), blks.end(), [&](const Block & blk) { return hit(blk) && !blk.inside(p0, p1); })) {
-        return false;  // would cut a block in two: refuse rather than lose its other tokens
+    for (Block & blk : blks) {
+        if (seq_id < 0 || blk.seq == seq_id) {
+            for (llama_pos & p : blk.pos) {
+                p = p >= p0 && p < p1 ? -1 : p;  // the bytes stay until the block's last token goes
+            }
+        }
     }
-    erase_blocks_if(hit);
-    return true;
+    erase_blocks_if([](const Block & blk) { return blk.empty(); });
 }
 
 void Tier::seq_keep(llama_seq_id seq_id) {
     erase_blocks_if([&](const Block & blk) { return blk.seq != seq_id; });
 }
 
-bool Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+void Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
     normalise_range(p0, p1);
-    std::vector<size_t> copies;
-    for (size_t b = 0; b < blks.size(); ++b) {
-        const Block & blk = blks[b];
-        if (blk.seq != src || !blk.overlaps(p0, p1)) {
+    const size_t n = blks.size();
+    for (size_t b = 0; b < n; ++b) {
+        if (blks[b].seq != src || !blks[b].holds(p0, p1)) {
             continue;
         }
-        if (!blk.inside(p0, p1)) {
-            LLAMA_LOG_ERROR("%s: kvggml: [%d, %d) cuts the compressed block [%d, %d) of sequence %d: nothing copied\n",
-                            __func__, p0, p1, blk.p0, blk.p1, src);
-            return false;
+        Block copy = blks[b];
+        copy.seq = dst;
+        for (llama_pos & p : copy.pos) {
+            p = p >= p0 && p < p1 ? p : -1;  // the copy holds the range's tokens only
         }
-        copies.push_back(b);
+        append_copy(copy, k_streams, v_streams, b);
     }
-    for (const size_t b : copies) {
-        for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
-            for (Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
-                const std::vector<uint8_t> block(s->bytes.begin() + s->offsets[b], s->bytes.begin() + s->offsets[b + 1]);
-                s->bytes.insert(s->bytes.end(), block.begin(), block.end());
-                s->offsets.push_back(s->bytes.size());
+}
+
+template <typename F>
+bool Tier::move(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1, F new_pos) {
+    normalise_range(p0, p1);
+    const auto hit = [&](const Block & blk) { return blk.seq == seq_id && blk.holds(p0, p1); };
+    if (std::none_of(blks.begin(), blks.end(), hit)) {
+        return true;
+    }
+    if (!no_shift.empty()) {
+        LLAMA_LOG_ERROR("%s: kvggml: %s on sequence %d [%d, %d) would move compressed keys, which cannot be "
+                        "re-rotated for %s: refused, nothing changed\n", __func__, op, seq_id, p0, p1, no_shift.c_str());
+        return false;
+    }
+    for (Block & blk : blks) {
+        if (!hit(blk)) {
+            continue;
+        }
+        for (size_t r = 0; r < blk.pos.size(); ++r) {
+            if (blk.pos[r] >= p0 && blk.pos[r] < p1) {
+                const llama_pos to = new_pos(blk.pos[r]);
+                blk.moved[r] += to - blk.pos[r];
+                blk.pos[r] = to < 0 ? -1 : to;  // moved before position 0: removed, as llama.cpp does
             }
         }
-        blks.push_back({dst, blks[b].p0, blks[b].p1});
     }
-    if (!copies.empty()) {
-        ++gen;
-    }
+    erase_blocks_if([](const Block & blk) { return blk.empty(); });
+    ++gen;
     return true;
 }
 
-bool Tier::holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
-    normalise_range(p0, p1);
-    for (const Block & blk : blks) {
-        if ((seq_id < 0 || blk.seq == seq_id) && blk.overlaps(p0, p1)) {
-            return true;
+bool Tier::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta) {
+    return move("seq_add", seq_id, p0, p1, [&](llama_pos p) { return p + delta; });
+}
+
+bool Tier::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    return move("seq_div", seq_id, p0, p1, [&](llama_pos p) { return p / d; });
+}
+
+void Tier::set_settings(const Settings & s) {
+    if (!is_preset(s.preset)) {
+        throw std::invalid_argument("preset '" + s.preset + "' is not allowed: expected one of hi, balanced, lo");
+    }
+    if ((uint64_t) s.sinks + s.threshold > cells_for_recent) {
+        throw std::invalid_argument("threshold + sinks = " + std::to_string((uint64_t) s.sinks + s.threshold) +
+                                    " is out of range: this context's cache was sized for at most " +
+                                    std::to_string(cells_for_recent) +
+                                    " (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it was created)");
+    }
+    cfg.threshold = s.threshold;
+    cfg.sinks = s.sinks;
+    cfg.preset = s.preset;
+    update_params();  // new blocks only: every block's header carries its own subband widths
+}
+
+void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
+    Fnv1a hash;
+    const auto write = [&](const void * data, size_t size) {
+        io.write(data, size);
+        hash.add(data, size);
+    };
+    const auto put = [&](uint32_t value) { write(&value, sizeof(value)); };
+    std::vector<size_t> chosen;
+    for (size_t b = 0; b < blks.size(); ++b) {
+        if (seq_id < 0 || blks[b].seq == seq_id) {
+            chosen.push_back(b);
         }
     }
-    return false;
+    put(kStateMagic);
+    put(kStateVersion);
+    put(cfg.level);
+    put((uint32_t) k_streams.size());
+    put((uint32_t) kv.hparams.n_embd_k_gqa(kv.layers.front().il));
+    put((uint32_t) kv.hparams.n_embd_v_gqa(kv.layers.front().il));
+    put((uint32_t) chosen.size());
+    for (const size_t b : chosen) {
+        put((uint32_t) blks[b].seq);
+        write(blks[b].pos.data(), blks[b].pos.size() * sizeof(llama_pos));
+        write(blks[b].moved.data(), blks[b].moved.size() * sizeof(llama_pos));
+        for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
+            for (const Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
+                put((uint32_t) (s->offsets[b + 1] - s->offsets[b]));
+                write(s->bytes.data() + s->offsets[b], s->offsets[b + 1] - s->offsets[b]);
+            }
+        }
+    }
+    io.write(&hash.value, sizeof(hash.value));
+}
+
+void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word) {
+    staged = Staged{};
+    if (first_word != kStateMagic) {
+        return;  // saved without compressed tokens: llama.cpp's own data follows
+    }
+    Fnv1a hash;
+    hash.add(&first_word, sizeof(first_word));
+    const auto read = [&](void * data, size_t size) {
+        io.read(data, size);
+        hash.add(data, size);
+    };
+    const auto get = [&]() {
+        uint32_t value;
+        read(&value, sizeof(value));
+        return value;
+    };
+    const auto expect = [&](const std::string & what, uint32_t want) {
+        const uint32_t got = get();
+        if (got != want) {
+            throw std::runtime_error("kvggml: the saved state's " + what + " is " + std::to_string(got) +
+                                     ", this context's is " + std::to_string(want));
+        }
+    };
+    const auto & hp = kv.hparams;
+    const uint32_t il0 = kv.layers.front().il;
+    const uint32_t B = cfg.block_tokens();
+    expect("format version", kStateVersion);
+    expect("Haar level (OLLAMA_KV_COMPRESSION_LEVEL)", cfg.level);
+    expect("number of cache layers", (uint32_t) k_streams.size());
+    expect("K width", hp.n_embd_k_gqa(il0));
+    expect("V width", hp.n_embd_v_gqa(il0));
+    const uint32_t n_blocks = get();
+    staged.k_streams.resize(k_streams.size());
+    staged.v_streams.resize(v_streams.size());
+    std::vector<float> scratch;
+    for (uint32_t i = 0; i < n_blocks; ++i) {
+        const std::string where = "kvggml: saved block " + std::to_string(i) + " of " + std::to_string(n_blocks);
+        Block blk{(llama_seq_id) get(), std::vector<llama_pos>(B), std::vector<llama_pos>(B)};
+        if (seq_id < 0 && (blk.seq < 0 || blk.seq >= (llama_seq_id) kv.n_seq_max)) {
+            throw std::runtime_error(where + ": sequence " + std::to_string(blk.seq) + " is out of range: expected 0 to " +
+                                     std::to_string(kv.n_seq_max - 1));
+        }
+        blk.seq = seq_id < 0 ? blk.seq : seq_id;
+        read(blk.pos.data(), B * sizeof(llama_pos));
+        read(blk.moved.data(), B * sizeof(llama_pos));
+        if (blk.empty() || std::any_of(blk.pos.begin(), blk.pos.end(), [](llama_pos p) { return p < -1; })) {
+            throw std::runtime_error(where + ": invalid positions");
+        }
+        if (!no_shift.empty() && std::any_of(blk.moved.begin(), blk.moved.end(), [](llama_pos m) { return m != 0; })) {
+            throw std::runtime_error(where + ": moved keys, which cannot be re-rotated for " + no_shift);
+        }
+        for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
+            for (const bool is_v : {false, true}) {
+                const auto & params = is_v ? params_v : params_k;
+                const int32_t C = (int32_t) (is_v ? hp.n_embd_v_gqa(il0) : hp.n_embd_k_gqa(il0));
+                BlockCodec & codec = thread_codec(params, C);
+                Stream & stream = is_v ? staged.v_streams[ikv] : staged.k_streams[ikv];
+                const uint32_t size = get();
+                if (size > codec.bound()) {
+                    throw std::runtime_error(where + ": " + std::to_string(size) + " bytes, above the largest block (" +
+                                             std::to_string(codec.bound()) + ")");
+                }
+                const size_t start = stream.bytes.size();
+                stream.bytes.resize(start + size);
+                read(stream.bytes.data() + start, size);
+                stream.offsets.push_back(stream.bytes.size());
+                // decoded once here, so attention never meets a block that fails
+                scratch.resize((size_t) B * C);
+                const int32_t rc = codec.decode(stream.bytes.data() + start, size, scratch.data());
+                if (rc != KVGGML_OK) {
+                    throw std::runtime_error(where + ", layer " + std::to_string(ikv) + (is_v ? " V" : " K") +
+                                             ": " + kvggml_error_name(rc));
+                }
+            }
+        }
+        staged.blks.push_back(std::move(blk));
+    }
+    uint64_t saved_hash;
+    io.read(&saved_hash, sizeof(saved_hash));
+    if (saved_hash != hash.value) {
+        staged = Staged{};
+        throw std::runtime_error("kvggml: the saved compressed blocks are corrupt (checksum mismatch)");
+    }
+    io.read(&first_word, sizeof(first_word));  // llama.cpp's own data follows
+}
+
+void Tier::state_commit(llama_seq_id seq_id) {
+    if (seq_id < 0) {
+        clear();
+    } else {
+        erase_blocks_if([&](const Block & blk) { return blk.seq == seq_id; });
+    }
+    for (size_t b = 0; b < staged.blks.size(); ++b) {
+        append_copy(staged.blks[b], staged.k_streams, staged.v_streams, b);
+    }
+    staged = Staged{};
 }
 
 } // namespace kvggml
 
 using kvggml::Tier;
 
+namespace kvggml {
+
+llama_kv_cache * compressible_cache(llama_memory_i * memory) {
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(memory)) {
+        return iswa->get_base();  // the full-attention layers; the window layers stay as they are
+    }
+    return dynamic_cast<llama_kv_cache *>(memory);
+}
+
+} // namespace kvggml
+
 static Tier * tier_of(llama_memory_i * memory) {
-    auto * kv = dynamic_cast<llama_kv_cache *>(memory);
+    auto * kv = kvggml::compressible_cache(memory);
     return kv ? kv->kvggml_tier.get() : nullptr;
 }
 
@@ -421,19 +757,19 @@ uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq
     return (uint32_t) std::min<uint64_t>(cells, n_ctx_seq);
 }
 
-void kvggml_attach(llama_memory_i * memory, uint32_t n_ctx_seq) {
+void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams) {
     const kvggml::Config cfg = kvggml::Config::from_env();
     if (!cfg.enabled) {
         return;
     }
-    auto * kv = dynamic_cast<llama_kv_cache *>(memory);
+    llama_kv_cache * kv = kvggml::compressible_cache(memory);
     if (kv == nullptr) {
-        throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with one full-attention KV cache; "
-                                    "this model's memory is of another kind (sliding-window, recurrent or hybrid)");
+        throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with a full-attention KV cache "
+                                    "(plain or beside sliding-window layers); this model's memory is recurrent or hybrid");
     }
-    kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv);
+    kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv, cparams);
     LLAMA_LOG_INFO("%s: kvggml compression on: window %u, sinks %u, level %u, preset %s, %u f16 cells for n_ctx %u\n",
-                   __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), n_ctx_seq);
+                   __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), cparams.n_ctx_seq);
 }
 
 void kvggml_after_ubatch(llama_memory_i * memory, ggml_backend_sched * sched) {
@@ -493,8 +829,10 @@ void kvggml_clear(llama_kv_cache & kv) {
     }
 }
 
-bool kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    return !kv.kvggml_tier || kv.kvggml_tier->seq_rm(seq_id, p0, p1);
+void kvggml_seq_rm(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->seq_rm(seq_id, p0, p1);
+    }
 }
 
 void kvggml_seq_keep(llama_kv_cache & kv, llama_seq_id seq_id) {
@@ -503,19 +841,67 @@ void kvggml_seq_keep(llama_kv_cache & kv, llama_seq_id seq_id) {
     }
 }
 
-bool kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
-    return !kv.kvggml_tier || kv.kvggml_tier->seq_cp(src, dst, p0, p1);
-}
-
-bool kvggml_can_move(const llama_kv_cache & kv, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    if (!kv.kvggml_tier || !kv.kvggml_tier->holds(seq_id, p0, p1)) {
-        return true;
+void kvggml_seq_cp(llama_kv_cache & kv, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->seq_cp(src, dst, p0, p1);
     }
-    LLAMA_LOG_ERROR("%s: kvggml: %s on sequence %d [%d, %d) would move compressed keys, which carry RoPE at their "
-                    "old positions: refused, nothing changed\n", __func__, op, seq_id, p0, p1);
-    return false;
 }
 
-bool kvggml_holds_compressed(const llama_kv_cache & kv) {
-    return kv.kvggml_tier && !kv.kvggml_tier->blocks().empty();
+bool kvggml_seq_add(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    return !kv.kvggml_tier || shift == 0 || kv.kvggml_tier->seq_add(seq_id, p0, p1, shift);
+}
+
+bool kvggml_seq_div(llama_kv_cache & kv, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    return !kv.kvggml_tier || d == 1 || kv.kvggml_tier->seq_div(seq_id, p0, p1, d);
+}
+
+bool kvggml_can_shift(const llama_kv_cache & kv) {
+    return !kv.kvggml_tier || kv.kvggml_tier->shift_refusal().empty();
+}
+
+bool kvggml_swa_is_full(const llama_kv_cache & base, const llama_kv_cache & swa) {
+    return base.kvggml_tier && swa.get_size() >= base.kvggml_tier->n_ctx_seq();
+}
+
+llama_pos kvggml_seq_pos_min(const llama_kv_cache & kv, llama_seq_id seq_id, llama_pos cells_min) {
+    if (!kv.kvggml_tier) {
+        return cells_min;
+    }
+    llama_pos lo = cells_min < 0 ? std::numeric_limits<llama_pos>::max() : cells_min;
+    for (const kvggml::Block & blk : kv.kvggml_tier->blocks()) {
+        lo = blk.seq == seq_id ? std::min(lo, blk.first()) : lo;
+    }
+    return lo == std::numeric_limits<llama_pos>::max() ? -1 : lo;
+}
+
+llama_pos kvggml_seq_pos_max(const llama_kv_cache & kv, llama_seq_id seq_id, llama_pos cells_max) {
+    llama_pos hi = cells_max;
+    if (!kv.kvggml_tier) {
+        return cells_max;
+    }
+    for (const kvggml::Block & blk : kv.kvggml_tier->blocks()) {
+        hi = blk.seq == seq_id ? std::max(hi, blk.end() - 1) : hi;
+    }
+    return hi;
+}
+
+void kvggml_state_write(const llama_kv_cache & kv, llama_io_write_i & io, llama_seq_id seq_id) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->state_write(io, seq_id);
+    }
+}
+
+void kvggml_state_read(llama_kv_cache & kv, llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->state_read(io, seq_id, first_word);
+    } else if (first_word == kvggml::kStateMagic) {
+        throw std::runtime_error("kvggml: this state holds compressed KV blocks; load it into a context created "
+                                 "with OLLAMA_KV_COMPRESSION=1 (and the same level)");
+    }
+}
+
+void kvggml_state_commit(llama_kv_cache & kv, llama_seq_id seq_id) {
+    if (kv.kvggml_tier) {
+        kv.kvggml_tier->state_commit(seq_id);
+    }
 }

@@ -4,11 +4,17 @@
 // every layer's K and V, docs/FORMAT.md) and their f16 cells are freed. Attention
 // reads the tier through one custom ggml op per layer and tensor that decodes that
 // layer only, so at most one layer's worth is ever expanded at a time.
+//
+// A block's bytes never change once written. Memory operations act on each token's
+// position: removing tokens hides them (the block is freed with its last token),
+// moving them (context shift) records the RoPE rotation still owed to their keys,
+// which decoding applies.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "codec.h"
@@ -17,24 +23,44 @@
 #include "llama.h"
 
 struct ggml_tensor;
+struct llama_cparams;
+class llama_io_read_i;
+class llama_io_write_i;
 class llama_kv_cache;
+class llama_memory_i;
 
 namespace kvggml {
 
-// One compressed block: B consecutive tokens of one sequence.
+// A saved state's compressed section starts with this word where llama.cpp's starts with its
+// stream count (docs/FORMAT.md, "Saved state").
+constexpr uint32_t kStateMagic   = 0x5447564B;  // "KVGT"
+constexpr uint32_t kStateVersion = 1;
+
+// One compressed block: B tokens of one sequence, encoded together.
 struct Block {
     llama_seq_id seq;
-    llama_pos    p0;  // first position
-    llama_pos    p1;  // one past the last position
+    std::vector<llama_pos> pos;    // per token: its position, or -1 once removed
+    std::vector<llama_pos> moved;  // per token: how far it was moved since encoding (RoPE owed to its key)
 
-    bool overlaps(llama_pos q0, llama_pos q1) const { return p1 > q0 && p0 < q1; }
-    bool inside(llama_pos q0, llama_pos q1) const { return p0 >= q0 && p1 <= q1; }
+    bool      empty() const;
+    uint32_t  n_alive() const;
+    llama_pos first() const;  // smallest position held (requires !empty())
+    llama_pos end() const;    // one past the largest
+    bool      holds(llama_pos p0, llama_pos p1) const;  // a token in [p0, p1)?
 };
 
 // The encoded bytes of every block for one layer's K or V.
 struct Stream {
     std::vector<uint8_t> bytes;
     std::vector<size_t>  offsets{0};  // block b is bytes[offsets[b] .. offsets[b+1])
+};
+
+// How one layer's keys were rotated (RoPE), to rotate compressed keys that moved.
+struct Rope {
+    bool  on = false;    // the layer applies RoPE
+    bool  neox = false;  // pairs (i, i + n_rot/2) rather than (2i, 2i + 1)
+    int   n_rot = 0;
+    float freq_base = 0, freq_scale = 0;
 };
 
 class Tier;
@@ -47,26 +73,52 @@ struct LayerView {
     bool    transposed; // V stored transposed (no flash attention)
 };
 
+// The settings a running context may change: kvggml_set_settings.
+struct Settings {
+    uint32_t threshold, sinks;
+    std::string preset;
+};
+
 class Tier {
 public:
-    Tier(const Config & config, llama_kv_cache & kv);
+    Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cparams);
 
     // After a micro-batch: encode every whole block of old tokens, free their cells.
     void compress();
 
     void clear();
-    bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     void seq_keep(llama_seq_id seq_id);
-    bool seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
-    // Does [p0, p1) of the sequence (-1: any) hold compressed tokens?
-    bool holds(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    void seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+    // Move tokens of [p0, p1) to pos + delta (seq_add) or pos / d (seq_div); false, with nothing
+    // changed and an error logged, when compressed keys are in the range and cannot be re-rotated.
+    bool seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos delta);
+    bool seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d);
+    // Empty when compressed keys can be re-rotated; otherwise why not.
+    const std::string & shift_refusal() const { return no_shift; }
+
+    // Saved states (docs/FORMAT.md, "Saved state"): the blocks of seq_id (-1: all).
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;
+    // first_word is the state's first 32 bits: kStateMagic starts our section, which is read
+    // and checked into `staged` without touching the tier (std::runtime_error names what is
+    // wrong), then first_word becomes the word after it. state_commit then replaces seq_id's
+    // blocks with the staged ones.
+    void state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word);
+    void state_commit(llama_seq_id seq_id);
+
+    Settings settings() const { return {cfg.threshold, cfg.sinks, cfg.preset}; }
+    uint32_t recent_capacity() const { return cells_for_recent; }
+    uint32_t n_ctx_seq() const { return n_ctx; }  // the context's size per sequence
+    // Throws std::invalid_argument naming the setting and its allowed range.
+    void set_settings(const Settings & s);
 
     const Config & config() const { return cfg; }
     const std::vector<Block> & blocks() const { return blks; }
-    uint32_t n_tokens() const { return (uint32_t) blks.size() * cfg.block_tokens(); }
+    uint32_t n_tokens() const { return (uint32_t) blks.size() * cfg.block_tokens(); }  // columns, removed ones too
+    uint64_t n_alive() const;
     size_t   compressed_bytes() const;
     size_t   exact_bytes() const;  // the f16 cells of the cache, K and V, all layers
-    // Changes whenever the set of blocks does, so graphs built for another set are not reused.
+    // Changes whenever the blocks or their positions do, so graphs built before are not reused.
     uint64_t generation() const { return gen; }
 
     // Encoded bytes of block b, K and V, all layers.
@@ -87,16 +139,35 @@ public:
 
 private:
     Config cfg;
+    uint32_t cells_for_recent;  // sinks + threshold the cache was sized for
+    uint32_t n_ctx;
     kvggml_codec_params params_k{};
     kvggml_codec_params params_v{};
     std::vector<Block>  blks;
     std::vector<Stream> k_streams;  // per cache layer
     std::vector<Stream> v_streams;
     std::vector<LayerView> views;   // 2 per cache layer: K, V
+    std::vector<Rope> ropes;        // per cache layer
+    std::string no_shift;
     uint64_t gen = 0;
+
+    struct Staged {
+        std::vector<Block>  blks;
+        std::vector<Stream> k_streams, v_streams;
+    } staged;
 
     // Drop the blocks `drop` selects, with their bytes in every stream.
     template <typename Pred> void erase_blocks_if(Pred drop);
+    // Append a block with bytes copied from block b of `from`.
+    void append_copy(const Block & blk, const std::vector<Stream> & from_k, const std::vector<Stream> & from_v, size_t b);
+    // Move the positions of [p0, p1) of seq_id by new_pos(pos).
+    template <typename F> bool move(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1, F new_pos);
+    void update_params();  // codec parameters of new blocks, from cfg
+    void rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const;
 };
+
+// The plain KV cache that holds the compressed tier of `memory` (the full-attention cache
+// of a sliding-window model), or null when there is none.
+llama_kv_cache * compressible_cache(llama_memory_i * memory);
 
 } // namespace kvggml

@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 1
+#define KVGGML_VERSION_MINOR 2
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -59,6 +59,10 @@ KVGGML_API unsigned kvggml_version_number(void);
 
 // A short static string naming the code (e.g. "truncated scales").
 KVGGML_API const char * kvggml_error_name(int32_t code);
+
+// What the last failed call of the context API below said, on this thread: names the bad
+// value and the allowed range. "" when none failed.
+KVGGML_API const char * kvggml_last_error(void);
 
 //
 // block codec (docs/FORMAT.md): one block is 2^levels tokens x channels values
@@ -109,22 +113,26 @@ typedef struct kvggml_stats {
     uint32_t exact_cells;       // f16 cells allocated: sinks + window + a block + a batch, not n_ctx
     uint64_t exact_bytes;       // bytes of those cells, K and V, all layers
     uint64_t compressed_bytes;  // encoded blocks, K and V, all layers
-    uint64_t compressed_tokens; // tokens held compressed, all sequences
+    uint64_t compressed_tokens; // tokens held compressed, all sequences (removed ones not counted)
     uint64_t blocks;            // compressed blocks
     uint64_t encode_us;         // time spent compressing, in total
     uint64_t decode_us;         // time spent decoding blocks for attention (one thread's share), in total
 } kvggml_stats;
 
-// Totals of the context's KV cache. Fields stay 0 where the memory is not a plain KV cache.
+// Totals of the context's compressible KV cache (the full-attention one of a sliding-window
+// model). Fields stay 0 where the memory has none.
 KVGGML_API int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out);
 
-// One compressed block: a run of 2^level consecutive positions of one sequence.
+// One compressed block: 2^level consecutive positions of one sequence when it was encoded.
+// Removing tokens hides them one by one (the block is freed with its last token) and a
+// context shift moves them, so p0/p1 bound what it holds now and n_tokens counts it.
 typedef struct kvggml_segment {
     int32_t  seq_id;
-    int32_t  p0;     // first position
-    int32_t  p1;     // one past the last position
-    int32_t  level;  // Haar levels it was encoded with
-    uint64_t bytes;  // encoded size, K and V, all layers
+    int32_t  p0;        // first position held
+    int32_t  p1;        // one past the last position held
+    int32_t  level;     // Haar levels it was encoded with
+    uint32_t n_tokens;  // tokens it still holds, 1..2^level
+    uint64_t bytes;     // encoded size, K and V, all layers
 } kvggml_segment;
 
 // The compressed blocks of sequence seq_id (-1: every sequence), in position order. Writes
@@ -152,6 +160,21 @@ typedef struct kvggml_event {
     uint64_t bytes_after;   // encoded
 } kvggml_event;
 typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
+
+// The settings of a context that compresses. threshold, sinks and preset may change while it
+// runs: they apply from the next llama_decode on (blocks already encoded keep their bytes).
+typedef struct kvggml_settings {
+    uint32_t threshold;        // most recent tokens per sequence kept exact
+    uint32_t sinks;            // first tokens per sequence kept exact
+    uint32_t level;            // Haar levels, a block is 2^level tokens: fixed at context creation
+    uint32_t recent_capacity;  // largest sinks + threshold: what the cache was sized for (read-only)
+    char     preset[16];       // "hi", "balanced" or "lo" (NUL-terminated)
+} kvggml_settings;
+
+KVGGML_API int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out);
+// KVGGML_ERROR_ARGUMENT, and nothing changed, when a value is out of range or a read-only field
+// differs; kvggml_last_error() says which and the allowed range.
+KVGGML_API int32_t kvggml_set_settings(struct llama_context * ctx, const kvggml_settings * settings);
 
 // Register (or, with NULL, remove) the context's callback. KVGGML_ERROR_ARGUMENT when the
 // context does not compress.

@@ -1,0 +1,156 @@
+"""Every llama.cpp memory operation with compression on, on the default model and Gemma 3.
+
+Each scenario (tests/memory_ops.py) runs in a process of its own on the patched library and
+does the same operations on a compressed and on an exact context. Compression costs some
+quality, so the two are compared against the loss of plain reading (`read`): an operation
+done wrong (removed tokens still seen, moved keys not re-rotated, a block half copied)
+multiplies the divergence rather than adding a little to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+
+SCRIPT = Path(__file__).with_name("memory_ops.py")
+WINDOW, READ, B = 256, 1500, 16
+COMPRESSED_AFTER_READ = (READ - 4 - WINDOW) // B * B  # whole blocks between the 4 sinks and the window
+
+
+def kld(reference: np.ndarray, other: np.ndarray) -> float:
+    p = log_softmax(reference.astype(np.float64), axis=-1)
+    q = log_softmax(other.astype(np.float64), axis=-1)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+_cache: dict = {}
+
+
+def scenario(tmp_path_factory, name: str, model: str = "smollm2") -> tuple[dict, dict, str]:
+    """(report, logits, stderr) of one scenario, run once per session."""
+    if (name, model) not in _cache:
+        out = tmp_path_factory.mktemp(name) / "logits.npz"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+        env.pop("LLAMA_CPP_LIB_PATH", None)
+        env.update({"KVGGML_LIB": "patched", "OLLAMA_KV_COMPRESSION_THRESHOLD": str(WINDOW)})
+        res = subprocess.run([sys.executable, str(SCRIPT), name, model, str(out)], env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        logits = dict(np.load(out))
+        _cache[name, model] = (json.loads(res.stdout.strip().splitlines()[-1]), logits, res.stderr)
+    return _cache[name, model]
+
+
+def baseline(tmp_path_factory, model: str = "smollm2") -> float:
+    """KLD of compressed against exact after plain reading: the loss compression itself costs."""
+    _, logits, _ = scenario(tmp_path_factory, "read", model)
+    return kld(logits["read-exact"], logits["read-compressed"])
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_reading_compresses_and_stays_close(tmp_path_factory, model):
+    report, logits, _ = scenario(tmp_path_factory, "read", model)
+    stats = report["stats"]
+    assert stats["compressed_tokens"] == COMPRESSED_AFTER_READ
+    assert stats["exact_cells"] == 800  # 4 sinks + 256 window + a block + a 512 batch, padded to 32
+    loss = baseline(tmp_path_factory, model)
+    assert 0 < loss < 0.1 and top1(logits["read-exact"], logits["read-compressed"]) >= 0.75
+
+
+def test_removing_the_tail_from_inside_a_block_is_like_never_reading_it(tmp_path_factory):
+    report, logits, _ = scenario(tmp_path_factory, "remove_tail")
+    # tokens 1000.. are gone, the block [996, 1012) keeps its first 4, and llama.cpp sees 999 as the last
+    assert report["pos_max"] == 999
+    assert report["segments"][-1] == [996, 1000, 4]
+    assert all(p1 <= 1000 for _, p1, _ in report["segments"])
+    # the next turn reads as in a fresh compressed context fed only the kept tokens...
+    assert top1(logits["fresh-compressed"], logits["removed-compressed"]) >= 0.9
+    # ...and within the ordinary loss of the same turn on an exact cache
+    assert kld(logits["removed-exact"], logits["removed-compressed"]) < 2 * baseline(tmp_path_factory)
+
+
+def test_removing_a_range_in_the_middle_cuts_blocks_token_by_token(tmp_path_factory):
+    report, logits, _ = scenario(tmp_path_factory, "remove_middle")
+    held = [p for p0, p1, _ in report["segments"] for p in range(p0, p1)]
+    assert not any(300 <= p < 700 for p in held)
+    assert [292, 300, 8] in report["segments"] and [700, 708, 8] in report["segments"]
+    assert kld(logits["removed-exact"], logits["removed-compressed"]) < 2 * baseline(tmp_path_factory)
+
+
+def test_two_sequences_share_a_cache_and_a_copy_cuts_a_block(tmp_path_factory):
+    report, logits, _ = scenario(tmp_path_factory, "sequences")
+    # seq_cp(0 -> 1, [0, 600)) copied the blocks inside the range, and 4 tokens of the block it cuts
+    copy = report["segments_copy"]
+    assert copy[-1] == [596, 600, 4] and all(p1 <= 600 for _, p1, _ in copy)
+    # both sequences then grew in the one cache, each compressing its own old tokens
+    assert report["segments_branch"][-1][1] > 600 and report["segments_trunk"][-1][1] > 900
+    both = logits["sequences-exact"], logits["sequences-compressed"]
+    assert kld(*both) < 2 * baseline(tmp_path_factory) and top1(*both) >= 0.75
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_context_shift_re_rotates_compressed_keys(tmp_path_factory, model):
+    report, logits, _ = scenario(tmp_path_factory, "shift", model)
+    assert report["can_shift"] and report["can_shift_exact"]
+    # [100, 400) removed, the rest moved down by 300: the block that held 404..419 now holds 104..119
+    assert [104, 120, 16] in report["segments"] or model == "gemma3"
+    assert max(p1 for _, p1, _ in report["segments"]) <= READ - 300
+    # keys left at their old rotation would be 300 positions off: KLD above 1, not near the baseline
+    shifted = kld(logits["shifted-exact"], logits["shifted-compressed"])
+    assert shifted < 2 * kld(logits["unshifted-exact"], logits["unshifted-compressed"])
+
+
+# Gemma 3 keeps its 15 window layers exact (3 of 18 layers are compressed), so its state shrinks less.
+@pytest.mark.parametrize("model,size_vs_stock", [("smollm2", 0.4), ("gemma3", 0.8)])
+def test_saved_state_restores_exactly_and_is_smaller_than_stock(tmp_path_factory, model, size_vs_stock):
+    report, logits, _ = scenario(tmp_path_factory, "state", model)
+    assert report["compressed_tokens"] == COMPRESSED_AFTER_READ
+    assert report["restored_segments"] == COMPRESSED_AFTER_READ // B
+    assert np.array_equal(logits["original"], logits["restored"])
+    assert report["state_bytes"] < size_vs_stock * report["exact_state_bytes"]
+
+
+def test_a_damaged_state_fails_to_load_and_the_context_goes_on(tmp_path_factory):
+    report, logits, stderr = scenario(tmp_path_factory, "state")
+    for name in ("truncated", "flipped", "into_exact"):
+        assert report[name] == "llama_state_seq_set_data rejected the state"
+    log = stderr.split("--- loading the truncated state")[1]
+    assert "unexpectedly reached end of buffer" in log.split("--- loading the flipped state")[0]
+    assert "kvggml: the saved compressed blocks are corrupt (checksum mismatch)" in log
+    assert ("kvggml: this state holds compressed KV blocks; load it into a context created with "
+            "OLLAMA_KV_COMPRESSION=1") in log.split("--- loading into a context without compression")[1]
+    assert np.array_equal(logits["original"], logits["reloaded"])
+
+
+def test_settings_change_while_the_context_runs(tmp_path_factory):
+    report, _, _ = scenario(tmp_path_factory, "settings")
+    assert report["initial"] == {"threshold": WINDOW, "sinks": 4, "level": 4, "recent_capacity": WINDOW + 4,
+                                 "preset": "balanced"}
+    assert report["set"] == {**report["initial"], "threshold": 128, "preset": "hi"}
+    # the next decode compresses down to the new window, and the new blocks use the hi widths
+    assert report["before"]["compressed_tokens"] == (600 - 4 - WINDOW) // B * B
+    assert report["after"]["compressed_tokens"] == (601 - 4 - 128) // B * B
+    sizes = [s["bytes"] for s in report["segments"]]
+    n_old = report["before"]["blocks"]
+    assert min(sizes[n_old:]) > 1.3 * max(sizes[:n_old])
+    assert report["errors"] == {
+        '{"threshold": 1000000}': "threshold + sinks = 1000004 is out of range: this context's cache was sized for "
+                                  "at most 260 (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it "
+                                  "was created)",
+        '{"preset": "max"}': "preset 'max' is not allowed: expected one of hi, balanced, lo",
+        '{"level": 3}': "level 3 cannot change: it is fixed at 4 when the context is created "
+                        "(OLLAMA_KV_COMPRESSION_LEVEL)",
+        '{"window": 3}': "no setting window: the settings are threshold, sinks, level, recent_capacity, preset",
+    }
+    assert report["unchanged"] == report["set"]
