@@ -97,7 +97,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from kvggml import Llama
 
     llm = Llama(str(model), compression=not args.no_compression, n_ctx=args.ctx, n_threads=args.threads,
-                verbose=False)
+                chat_format=args.chat_format, verbose=False)
     print(f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
           f"{'on (' + llm.compression.settings()['preset'] + ')' if llm.compression.enabled else 'off'}; "
           "an empty line or end of input quits")
@@ -138,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
     app = server.create_app(
         server_settings=ServerSettings(host=args.host, port=args.port),
-        model_settings=[ModelSettings(model=str(model), n_ctx=args.ctx, flash_attn=True, verbose=False, **threads)])
+        model_settings=[ModelSettings(model=str(model), n_ctx=args.ctx, flash_attn=True, chat_format=args.chat_format,
+                                     verbose=False, **threads)])
 
     @app.get("/kvggml/stats", summary="What the served context's KV cache holds")
     async def stats(proxy=Depends(server.get_llama_proxy)) -> dict:  # the model's lock: no read during a decode
@@ -175,6 +176,8 @@ def add_context_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=positive, default=8192, help="context size (default 8192)")
     parser.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     parser.add_argument("--no-compression", action="store_true", help="keep the whole cache exact")
+    parser.add_argument("--chat-format", help="llama-cpp-python chat format, e.g. gemma, for a GGUF without a chat "
+                                              "template (default: the model's own template)")
 
 
 def build_parser() -> argparse.ArgumentParser:
