@@ -91,11 +91,24 @@ def status_line(llm) -> str:
             f"{stats['blocks']} compressed blocks]")
 
 
+def check_chat_format(name: str | None) -> None:
+    """Fail before loading the model (llama-cpp-python would only fail at the first reply)."""
+    if name is None:
+        return
+    from llama_cpp import llama_chat_format
+
+    try:
+        llama_chat_format.get_chat_completion_handler(name)
+    except llama_chat_format.LlamaChatCompletionHandlerNotFoundException as err:
+        raise ValueError(f"--chat-format: {err}") from None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     model = model_path(args.model)
     CompressionConfig.from_env()  # a bad variable fails here, with its message, before loading anything
     from kvggml import Llama
 
+    check_chat_format(args.chat_format)
     llm = Llama(str(model), compression=not args.no_compression, n_ctx=args.ctx, n_threads=args.threads,
                 chat_format=args.chat_format, verbose=False)
     print(f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
@@ -135,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kvggml import native
 
+    check_chat_format(args.chat_format)
     threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
     app = server.create_app(
         server_settings=ServerSettings(host=args.host, port=args.port),

@@ -44,3 +44,10 @@ def test_chat_reports_a_bad_variable():
     res = chat({"OLLAMA_KV_COMPRESSION_SINKS": "-1"})
     assert res.returncode == 2
     assert "OLLAMA_KV_COMPRESSION_SINKS='-1' is out of range: expected an integer from 0 to 4096" in res.stderr
+
+
+def test_chat_reports_an_unknown_chat_format_before_loading():
+    res = chat({}, "--chat-format", "nonsense")
+    assert res.returncode == 2
+    assert "kvggml chat: error: --chat-format: Invalid chat handler: nonsense (valid formats: [" in res.stderr
+    assert "Traceback" not in res.stderr
