@@ -59,6 +59,7 @@ private:
     std::vector<int32_t>  q;        // quantized values, B * C
     std::vector<uint8_t>  present;  // per group, in group order
     std::vector<uint16_t> scales;   // of the present groups, in group order
+    std::vector<uint8_t>  values;   // decode: the value bytes, 8 bytes of zero padding after
 
     // Decoded block left in `work`.
     int32_t decode_to_work(const uint8_t * data, size_t size);
