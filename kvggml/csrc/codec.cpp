@@ -442,7 +442,12 @@ __attribute__((target("avx,f16c"))) void to_f16_f16c(const float * x, uint16_t *
     to_f16_portable(x + i, y + i, n - i);
 }
 
-const auto rows_to_f16 = __builtin_cpu_supports("f16c") ? to_f16_f16c : to_f16_portable;
+bool cpu_has_f16c() {
+    __builtin_cpu_init();  // this runs among the library's static constructors, maybe before libgcc's
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}
+
+const auto rows_to_f16 = cpu_has_f16c() ? to_f16_f16c : to_f16_portable;
 #else
 const auto rows_to_f16 = to_f16_portable;
 #endif

@@ -85,9 +85,19 @@ struct Fnv1a {
     }
 };
 
+// dst = the layer's compressed tokens, then (when src[0], the exact cells, is given) those
+// cells' rows: one pass where decoding and a ggml_concat would write the tier twice.
 void decode_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * view = static_cast<const LayerView *>(userdata);
     view->tier->decode_into(*view, dst, ith, nth);
+    if (const ggml_tensor * exact = dst->src[0]) {
+        GGML_ASSERT(exact->nb[0] == sizeof(ggml_fp16_t) && exact->nb[1] == exact->ne[0] * exact->nb[0]);
+        const size_t row = exact->ne[0] * exact->ne[1] * sizeof(ggml_fp16_t);
+        const int64_t n_exact = exact->ne[2], first = dst->ne[2] - n_exact;
+        for (int64_t r = ith * n_exact / nth; r < (ith + 1) * n_exact / nth; ++r) {
+            std::memcpy((char *) dst->data + (first + r) * row, (const char *) exact->data + r * exact->nb[2], row);
+        }
+    }
 }
 
 } // namespace
@@ -801,13 +811,11 @@ void kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const l
     }
     const auto * kview = tier->view(il, false);
     const auto * vview = tier->view(il, true);
-    ggml_tensor * k_comp = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp, 1, nullptr, 0,
-                                          kvggml::decode_op, GGML_N_TASKS_MAX, const_cast<kvggml::LayerView *>(kview));
-    k = ggml_concat(ctx, k_comp, k, 2);
+    k = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1,
+                       kvggml::decode_op, GGML_N_TASKS_MAX, const_cast<kvggml::LayerView *>(kview));
     if (!vview->transposed) {
-        ggml_tensor * v_comp = ggml_custom_4d(ctx, GGML_TYPE_F16, v->ne[0], v->ne[1], n_comp, 1, nullptr, 0,
-                                              kvggml::decode_op, GGML_N_TASKS_MAX, const_cast<kvggml::LayerView *>(vview));
-        v = ggml_concat(ctx, v_comp, v, 2);
+        v = ggml_custom_4d(ctx, GGML_TYPE_F16, v->ne[0], v->ne[1], n_comp + v->ne[2], 1, &v, 1,
+                           kvggml::decode_op, GGML_N_TASKS_MAX, const_cast<kvggml::LayerView *>(vview));
     } else {
         // v is [n_kv, n_head, head_dim] with n_kv fastest: join along tokens in [tokens, head_dim, n_head]
         // order, then view it back the way build_attn_mha recognises a transposed V.
