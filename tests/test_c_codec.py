@@ -163,13 +163,15 @@ def pack_block(levels: int, group: int, bits, scales: np.ndarray, q: np.ndarray)
     return header + bitmap + scales.astype("<u2").tobytes() + values
 
 
-@pytest.fixture(scope="session")
-def standalone_path(tmp_path_factory) -> str:
+# KVGGML_CODEC_ISA: the portable kernels, SSE2, and AVX2/F16C where this CPU has them
+@pytest.fixture(scope="session", params=[0, 1, 2], ids=["portable", "sse2", "avx2"])
+def standalone_path(request, tmp_path_factory) -> str:
     """libkvggml_codec.so compiled from codec.cpp alone, as libllama compiles it."""
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: cannot build the codec library")
     out = tmp_path_factory.mktemp("codec") / "libkvggml_codec.so"
     subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
+                    f"-DKVGGML_CODEC_ISA={request.param}",
                     "-I", str(REPO / "kvggml/csrc/include"), "-I", str(REPO / "kvggml/csrc"),
                     str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(out)], check=True)
     return str(out)
@@ -194,7 +196,8 @@ def test_random_blocks_match_the_reference(codec_lib):
         levels = int(rng.integers(0, 6))
         head_dim = int(rng.choice([16, 32, 64]))
         channels = head_dim * int(rng.integers(1, 4))
-        group = int(rng.choice([g for g in (8, 16, 32, 64) if channels % g == 0]))
+        # groups of 4 start values mid-byte: the decoder's unaligned path
+        group = int(rng.choice([g for g in (4, 8, 16, 32, 64) if channels % g == 0]))
         bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
         hadamard = bool(rng.integers(0, 2))
         threshold = float(rng.choice([0.0, 0.25, 0.5]))
@@ -206,6 +209,21 @@ def test_random_blocks_match_the_reference(codec_lib):
         assert encode(codec_lib, params, x) == data, ref.spec()
         assert encode_f16(codec_lib, params, x16) == data, ref.spec()
         assert_decodes_to(codec_lib, data, channels, decode_block(data), ref.spec())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 12])
+def test_a_value_the_encoder_never_writes_is_rejected_in_any_lane(codec_lib, bits):
+    # -2^(b-1) at each position of a 64-channel group (the decoder reads 8 values at a time)
+    rng = np.random.default_rng(bits)
+    qmax = (1 << (bits - 1)) - 1
+    for position in range(64):
+        q = rng.integers(-qmax, qmax + 1, size=(1, 64))
+        q[0, position] = -(1 << (bits - 1))
+        data = pack_block(0, 64, [bits], np.full((1, 1), 0x3C00, np.uint16), q)
+        rc, _ = decode(codec_lib, data, 64)
+        assert error_name(codec_lib, rc) == "value out of range", (bits, position)
+    q[0, :] = qmax
+    assert decode(codec_lib, pack_block(0, 64, [bits], np.full((1, 1), 0x3C00, np.uint16), q), 64)[0] == 0
 
 
 @pytest.mark.parametrize("levels", [0, 1, 2])

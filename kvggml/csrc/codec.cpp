@@ -4,8 +4,15 @@
 
 #include "codec.h"
 
-#if defined(__x86_64__)
+// The kernels compiled, up to: 0 portable C++, 1 SSE2 (part of x86-64), 2 AVX2 and F16C too,
+// picked at run time so that one library runs on any x86-64 CPU. All give the same bits;
+// the tests build each level.
+#ifndef KVGGML_CODEC_ISA
+#define KVGGML_CODEC_ISA 2
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && KVGGML_CODEC_ISA > 0
 #include <immintrin.h>
+#define KVGGML_X86_KERNELS 1
 #endif
 
 #include <algorithm>
@@ -26,6 +33,21 @@ constexpr uint8_t kVersion  = 1;
 constexpr int     kMaxBits  = 16;
 constexpr float   kSqrtHalf = 0x1.6a09e6p-1f;  // (float)(1/sqrt(2))
 constexpr float   kF16Max   = 65504.0f;
+
+#if KVGGML_X86_KERNELS
+struct CpuFeatures {
+    bool avx2, f16c;
+};
+
+CpuFeatures cpu_features() {
+    __builtin_cpu_init();  // this runs among the library's static constructors, maybe before libgcc's
+    const bool allowed = KVGGML_CODEC_ISA >= 2;
+    return {allowed && __builtin_cpu_supports("avx2"),
+            allowed && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")};
+}
+
+const CpuFeatures kCpu = cpu_features();
+#endif
 
 // Subband k's rows in the transformed block (Mallat order, section 3).
 int32_t rows_of(int32_t B, int32_t L, int32_t k) { return k == 0 ? B >> L : B >> (L + 1 - k); }
@@ -51,15 +73,11 @@ void hadamard_run_scalar(float * v, int32_t R, float r) {
     }
 }
 
-#if defined(__SSE2__)
-// The same butterflies four lanes at a time (SSE2 is part of x86-64): stages 1 and 2 pair
-// lanes inside one vector, the later ones whole vectors. Every value gets the same
-// additions in the same order, so the result is bit-identical to the scalar loop.
-void hadamard_run(float * v, int32_t R, float r) {
-    if (R % 4 != 0) {
-        hadamard_run_scalar(v, R, r);
-        return;
-    }
+#if KVGGML_X86_KERNELS
+// The same butterflies four or eight lanes at a time: the first stages pair lanes inside
+// one vector, the later ones whole vectors. Every value gets the same additions in the same
+// order, so the result is bit-identical to the scalar loop.
+void hadamard_run_sse2(float * v, int32_t R, float r) {
     for (int32_t j = 0; j < R; j += 4) {
         __m128 x = _mm_loadu_ps(v + j);
         const __m128 even = _mm_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));  // x0 x2 x0 x2
@@ -81,6 +99,45 @@ void hadamard_run(float * v, int32_t R, float r) {
     const __m128 scale = _mm_set1_ps(r);
     for (int32_t j = 0; j < R; j += 4) {
         _mm_storeu_ps(v + j, _mm_mul_ps(_mm_loadu_ps(v + j), scale));
+    }
+}
+
+// The same on 8 lanes (each 128-bit half as above for h = 1, 2; the halves paired for h = 4).
+__attribute__((target("avx2"))) void hadamard_run_avx2(float * v, int32_t R, float r) {
+    for (int32_t j = 0; j < R; j += 8) {
+        __m256 x = _mm256_loadu_ps(v + j);
+        const __m256 even = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 odd  = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 1, 3, 1));
+        x = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));  // h = 1
+        __m256 lo = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 1, 0));
+        __m256 hi = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 2, 3, 2));
+        x = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));  // h = 2
+        lo = _mm256_permute2f128_ps(x, x, 0x00);
+        hi = _mm256_permute2f128_ps(x, x, 0x11);
+        _mm256_storeu_ps(v + j, _mm256_permute2f128_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), 0x20));  // h = 4
+    }
+    for (int32_t h = 8; h < R; h *= 2) {
+        for (int32_t span = 0; span < R; span += 2 * h) {
+            for (int32_t j = span; j < span + h; j += 8) {
+                const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
+                _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
+            }
+        }
+    }
+    const __m256 scale = _mm256_set1_ps(r);
+    for (int32_t j = 0; j < R; j += 8) {
+        _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), scale));
+    }
+}
+
+void hadamard_run(float * v, int32_t R, float r) {
+    if (R % 8 == 0 && kCpu.avx2) {
+        hadamard_run_avx2(v, R, r);
+    } else if (R % 4 == 0) {
+        hadamard_run_sse2(v, R, r);
+    } else {
+        hadamard_run_scalar(v, R, r);
     }
 }
 #else
@@ -198,15 +255,58 @@ uint32_t unpack_group(const uint8_t * src, size_t bitpos, int b, int32_t n, floa
 
 using UnpackGroup = uint32_t (*)(const uint8_t *, size_t, int, int32_t, float, float *);
 
+#if KVGGML_X86_KERNELS
+// unpack_group<kBits> eight lanes at a time: values 0-3 of an 8-byte word sit in its low 32
+// bits and values 4-7 in the 32 bits from bit 4b (4b + b <= 32 for b <= 8), so each lane
+// shifts one of the two by 0, b, 2b or 3b. The integers and products are the scalar ones.
+template <int kBits>
+__attribute__((target("avx2"))) uint32_t unpack_group_avx2(const uint8_t * src, size_t bitpos, int b, int32_t n,
+                                                           float d, float * y) {
+    if (bitpos % 8 != 0) {
+        return unpack_group<kBits>(src, bitpos, b, n, d, y);
+    }
+    const __m256i shifts   = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 0, kBits, 2 * kBits, 3 * kBits);
+    const __m256i mask     = _mm256_set1_epi32((1 << kBits) - 1);
+    const __m256i sign_bit = _mm256_set1_epi32(1 << (kBits - 1));
+    const __m256  scale    = _mm256_set1_ps(d);
+    __m256i never_produced = _mm256_setzero_si256();
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        uint64_t word;
+        std::memcpy(&word, src + bitpos / 8 + (size_t) j * kBits / 8, 8);
+        const __m256i halves = _mm256_setr_epi32((int) (uint32_t) word, (int) (uint32_t) word, (int) (uint32_t) word,
+                                                 (int) (uint32_t) word, (int) (uint32_t) (word >> (4 * kBits)),
+                                                 (int) (uint32_t) (word >> (4 * kBits)),
+                                                 (int) (uint32_t) (word >> (4 * kBits)),
+                                                 (int) (uint32_t) (word >> (4 * kBits)));
+        const __m256i raw = _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
+        never_produced = _mm256_or_si256(never_produced, _mm256_cmpeq_epi32(raw, sign_bit));
+        const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(raw, 32 - kBits), 32 - kBits);
+        _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+    }
+    const uint32_t tail = unpack_group<kBits>(src, bitpos + (size_t) j * kBits, b, n - j, d, y + j);
+    return tail | (uint32_t) !_mm256_testz_si256(never_produced, never_produced);
+}
+#endif
+
+template <int kBits> UnpackGroup fastest_unpacker() {
+#if KVGGML_X86_KERNELS
+    if (kCpu.avx2) {
+        return unpack_group_avx2<kBits>;
+    }
+#endif
+    return unpack_group<kBits>;
+}
+
 UnpackGroup unpacker(int b) {
     switch (b) {
-        case 2: return unpack_group<2>;
-        case 3: return unpack_group<3>;
-        case 4: return unpack_group<4>;
-        case 5: return unpack_group<5>;
-        case 6: return unpack_group<6>;
-        case 7: return unpack_group<7>;
-        case 8: return unpack_group<8>;
+        case 2: return fastest_unpacker<2>();
+        case 3: return fastest_unpacker<3>();
+        case 4: return fastest_unpacker<4>();
+        case 5: return fastest_unpacker<5>();
+        case 6: return fastest_unpacker<6>();
+        case 7: return fastest_unpacker<7>();
+        case 8: return fastest_unpacker<8>();
         default: return unpack_group<0>;
     }
 }
@@ -433,7 +533,7 @@ void to_f16_portable(const float * x, uint16_t * y, int32_t n) {
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if KVGGML_X86_KERNELS
 __attribute__((target("avx,f16c"))) void to_f16_f16c(const float * x, uint16_t * y, int32_t n) {
     int32_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -442,12 +542,7 @@ __attribute__((target("avx,f16c"))) void to_f16_f16c(const float * x, uint16_t *
     to_f16_portable(x + i, y + i, n - i);
 }
 
-bool cpu_has_f16c() {
-    __builtin_cpu_init();  // this runs among the library's static constructors, maybe before libgcc's
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-}
-
-const auto rows_to_f16 = cpu_has_f16c() ? to_f16_f16c : to_f16_portable;
+const auto rows_to_f16 = kCpu.f16c ? to_f16_f16c : to_f16_portable;
 #else
 const auto rows_to_f16 = to_f16_portable;
 #endif
