@@ -131,8 +131,43 @@ __attribute__((target("avx2"))) void hadamard_run_avx2(float * v, int32_t R, flo
     }
 }
 
+// R = 8 * kVectors held in registers from load to store (64 and 128, the common head sizes):
+// the stages of hadamard_run_avx2, in the same order, without a trip through memory.
+template <int kVectors> __attribute__((target("avx2"))) void hadamard_run_avx2_registers(float * v, float r) {
+    __m256 x[kVectors];
+    for (int i = 0; i < kVectors; ++i) {
+        x[i] = _mm256_loadu_ps(v + 8 * i);
+        const __m256 even = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 odd  = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(3, 1, 3, 1));
+        x[i] = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));
+        const __m256 lo = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 hi = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(3, 2, 3, 2));
+        x[i] = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 lo4 = _mm256_permute2f128_ps(x[i], x[i], 0x00);
+        const __m256 hi4 = _mm256_permute2f128_ps(x[i], x[i], 0x11);
+        x[i] = _mm256_permute2f128_ps(_mm256_add_ps(lo4, hi4), _mm256_sub_ps(lo4, hi4), 0x20);
+    }
+    for (int h = 1; h < kVectors; h *= 2) {  // h vectors = 8h lanes
+        for (int span = 0; span < kVectors; span += 2 * h) {
+            for (int i = span; i < span + h; ++i) {
+                const __m256 a = x[i], b = x[i + h];
+                x[i]     = _mm256_add_ps(a, b);
+                x[i + h] = _mm256_sub_ps(a, b);
+            }
+        }
+    }
+    const __m256 scale = _mm256_set1_ps(r);
+    for (int i = 0; i < kVectors; ++i) {
+        _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(x[i], scale));
+    }
+}
+
 void hadamard_run(float * v, int32_t R, float r) {
-    if (R % 8 == 0 && kCpu.avx2) {
+    if (R == 64 && kCpu.avx2) {
+        hadamard_run_avx2_registers<8>(v, r);
+    } else if (R == 128 && kCpu.avx2) {
+        hadamard_run_avx2_registers<16>(v, r);
+    } else if (R % 8 == 0 && kCpu.avx2) {
         hadamard_run_avx2(v, R, r);
     } else if (R % 4 == 0) {
         hadamard_run_sse2(v, R, r);
