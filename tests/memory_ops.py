@@ -119,7 +119,8 @@ class Scenario:
     def state(self) -> None:
         with self.context(False) as exact:
             exact.decode(self.text[:READ], 0)
-            self.report["exact_state_bytes"] = len(exact.get_state())
+            exact_state = exact.get_state()
+            self.report["exact_state_bytes"] = len(exact_state)
         with self.context(True) as run:
             run.decode(self.text[:READ], 0)
             saved = run.get_state()
@@ -130,7 +131,8 @@ class Scenario:
             restored.set_state(saved)
             self.report["restored_segments"] = len(native.get_segments(restored.ctx, 0))
             self.logits["restored"] = restored.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
-            damaged = {"truncated": saved[: len(saved) // 2], "flipped": bytearray(saved)}
+            damaged = {"truncated": saved[: len(saved) // 2], "flipped": bytearray(saved),
+                       "exact": exact_state}  # saved without compression: K/V not in the rotated basis
             damaged["flipped"][2000] ^= 0x10  # inside the first compressed block
             for name, data in damaged.items():
                 print(f"--- loading the {name} state", file=sys.stderr, flush=True)

@@ -123,11 +123,13 @@ def test_saved_state_restores_exactly_and_is_smaller_than_stock(tmp_path_factory
 
 def test_a_damaged_state_fails_to_load_and_the_context_goes_on(tmp_path_factory):
     report, logits, stderr = scenario(tmp_path_factory, "state")
-    for name in ("truncated", "flipped", "into_exact"):
+    for name in ("truncated", "flipped", "exact", "into_exact"):
         assert report[name] == "llama_state_seq_set_data rejected the state"
     log = stderr.split("--- loading the truncated state")[1]
     assert "unexpectedly reached end of buffer" in log.split("--- loading the flipped state")[0]
     assert "kvggml: the saved compressed blocks are corrupt (checksum mismatch)" in log
+    assert ("kvggml: this state was saved without OLLAMA_KV_COMPRESSION; this context keeps K/V Hadamard-rotated"
+            in log.split("--- loading the exact state")[1])
     assert ("kvggml: this state holds compressed KV blocks; load it into a context created with "
             "OLLAMA_KV_COMPRESSION=1") in log.split("--- loading into a context without compression")[1]
     assert np.array_equal(logits["original"], logits["reloaded"])

@@ -179,18 +179,6 @@ void hadamard_run(float * v, int32_t R, float r) {
 void hadamard_run(float * v, int32_t R, float r) { hadamard_run_scalar(v, R, r); }
 #endif
 
-void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
-    if (R <= 1) {
-        return;
-    }
-    const float r = (float) (1.0 / std::sqrt((double) R));
-    for (int32_t row = 0; row < n_rows; ++row) {
-        for (int32_t run = 0; run < C; run += R) {
-            hadamard_run(x + (size_t) row * C + run, R, r);
-        }
-    }
-}
-
 // Section 3 along rows (tokens), every channel at once: contiguous inner loops over channels.
 void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
     for (int32_t l = 1; l <= L; ++l) {
@@ -349,6 +337,18 @@ UnpackGroup unpacker(int b) {
 uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
 
 } // namespace
+
+void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
+    if (R <= 1) {
+        return;
+    }
+    const float r = (float) (1.0 / std::sqrt((double) R));
+    for (int32_t row = 0; row < n_rows; ++row) {
+        for (int32_t run = 0; run < C; run += R) {
+            hadamard_run(x + (size_t) row * C + run, R, r);
+        }
+    }
+}
 
 int32_t check_params(const kvggml_codec_params & p, int32_t C) {
     if (p.levels < 0 || p.levels > kFormatMaxLevels) {

@@ -20,6 +20,10 @@ int32_t check_params(const kvggml_codec_params & params, int32_t channels);
 // Largest encoded size of one block (every group present); params must be valid.
 size_t block_bound(const kvggml_codec_params & params, int32_t channels);
 
+// Section 2 on each of n_rows rows of C values: the Hadamard rotation of every run of R
+// channels (R a power of two dividing C; R <= 1 does nothing). Its own inverse.
+void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R);
+
 // Parsed block header.
 struct BlockHeader {
     int32_t levels, rotation, channels, group;

@@ -11,6 +11,7 @@ struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_tensor;
 struct llama_cparams;
+struct llama_hparams;
 struct llama_ubatch;
 class llama_io_read_i;
 class llama_io_write_i;
@@ -27,6 +28,13 @@ class AttnInput;
 // on: sinks + window + one block + one batch per sequence, not n_ctx. Throws
 // std::invalid_argument on a bad OLLAMA_KV_COMPRESSION* value (context creation fails).
 uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max);
+
+// llama_kv_cache's constructor: whether the cache stores K and V in llama.cpp's per-head
+// Hadamard basis, as it does for its quantized caches (queries are rotated to match and the
+// attention output back, once per token). With compression and OLLAMA_KV_COMPRESSION_HADAMARD
+// on, it does: compressed blocks are then already rotated, and decoding needs no rotation.
+// Not for partial RoPE (n_rot < head size): llama.cpp's K-shift rotates only n_rot dimensions.
+bool kvggml_rotates_cache(const llama_hparams & hparams);
 
 // llama_model::create_memory, once the memory exists: attach the compressed tier to its
 // full-attention KV cache (a plain cache, or the base of a sliding-window one); throws when

@@ -36,7 +36,8 @@ uint64_t now_us() {
 
 constexpr int32_t kGroup = 64;  // channels per scale (docs/FORMAT.md, G)
 
-kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim) {
+// rotated: llama.cpp stores this cache's values in the Hadamard basis already (attn_rot_k/v).
+kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim, bool rotated) {
     if (channels % kGroup != 0) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs K/V rows of a multiple of " +
                                     std::to_string(kGroup) + " values; this model has " + std::to_string(channels));
@@ -44,7 +45,7 @@ kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t he
     kvggml_codec_params p{};
     p.levels    = (int32_t) cfg.level;
     p.group     = kGroup;
-    p.rotation  = cfg.hadamard ? head_dim : 1;
+    p.rotation  = cfg.hadamard && !rotated ? head_dim : 1;
     p.threshold = 0.0f;
     const auto bits = cfg.subband_bits();
     std::copy(bits.begin(), bits.begin() + cfg.level + 1, p.bits);
@@ -228,11 +229,15 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
     }
 }
 
+uint32_t Tier::cache_basis() const {
+    return (kv.attn_rot_k ? 1u : 0u) | (kv.attn_rot_v ? 2u : 0u);
+}
+
 void Tier::update_params() {
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
-    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0));
-    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0));
+    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k);
+    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v);
 }
 
 const LayerView * Tier::view(int32_t il, bool is_v) const {
@@ -404,8 +409,16 @@ void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, in
     // pair (a, b) of dimension pair i: NORM rotates (2i, 2i+1), NEOX (i, i + n_rot/2)
     const int step = rope.neox ? 1 : 2, other = rope.neox ? half : 1;
     const float theta_scale = powf(rope.freq_base, -2.0f / rope.n_rot);
-    thread_local std::vector<float> cos_sin;
+    // keys stored in llama.cpp's Hadamard basis leave it for RoPE and return (the rotation is
+    // its own inverse), as its K-shift does; its length as in llama_kv_cache::build_input_k_rot
+    int32_t k_rot = 1;
+    if (kv.attn_rot_k) {
+        for (k_rot = 64; kv.n_embd_head_k_all % (2 * k_rot) == 0; k_rot *= 2) {
+        }
+    }
+    thread_local std::vector<float> cos_sin, row;
     cos_sin.resize(2 * half);
+    row.resize((size_t) C);
     for (size_t r = 0; r < blk.pos.size(); ++r) {
         if (blk.moved[r] == 0) {
             continue;
@@ -416,14 +429,23 @@ void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, in
             cos_sin[2 * i + 1] = sinf(rope.freq_scale * theta);
             theta *= theta_scale;
         }
+        uint16_t * key = rows + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+            row[c] = fp16_to_fp32(key[c]);
+        }
+        hadamard_rows(row.data(), 1, (int32_t) C, k_rot);
         for (int64_t h = 0; h < C / head_dim; ++h) {
-            uint16_t * x = rows + r * C + h * head_dim;
+            float * x = row.data() + h * head_dim;
             for (int i = 0; i < half; ++i) {
                 const int a = i * step, b = a + other;
-                const float x0 = fp16_to_fp32(x[a]), x1 = fp16_to_fp32(x[b]);
-                x[a] = fp32_to_fp16(x0 * cos_sin[2 * i] - x1 * cos_sin[2 * i + 1]);
-                x[b] = fp32_to_fp16(x0 * cos_sin[2 * i + 1] + x1 * cos_sin[2 * i]);
+                const float x0 = x[a], x1 = x[b];
+                x[a] = x0 * cos_sin[2 * i] - x1 * cos_sin[2 * i + 1];
+                x[b] = x0 * cos_sin[2 * i + 1] + x1 * cos_sin[2 * i];
             }
+        }
+        hadamard_rows(row.data(), 1, (int32_t) C, k_rot);
+        for (int64_t c = 0; c < C; ++c) {
+            key[c] = fp32_to_fp16(row[c]);
         }
     }
 }
@@ -624,6 +646,7 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
     put((uint32_t) k_streams.size());
     put((uint32_t) kv.hparams.n_embd_k_gqa(kv.layers.front().il));
     put((uint32_t) kv.hparams.n_embd_v_gqa(kv.layers.front().il));
+    put(cache_basis());
     put((uint32_t) chosen.size());
     for (const size_t b : chosen) {
         put((uint32_t) blks[b].seq);
@@ -642,7 +665,12 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
 void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word) {
     staged = Staged{};
     if (first_word != kStateMagic) {
-        return;  // saved without compressed tokens: llama.cpp's own data follows
+        if (cache_basis() != 0) {
+            throw std::runtime_error("kvggml: this state was saved without OLLAMA_KV_COMPRESSION; this context keeps "
+                                     "K/V Hadamard-rotated, so load it into a context without compression, or with "
+                                     "OLLAMA_KV_COMPRESSION_HADAMARD=0");
+        }
+        return;  // saved without compression, in the basis this cache uses: llama.cpp's own data follows
     }
     Fnv1a hash;
     hash.add(&first_word, sizeof(first_word));
@@ -670,6 +698,7 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
     expect("number of cache layers", (uint32_t) k_streams.size());
     expect("K width", hp.n_embd_k_gqa(il0));
     expect("V width", hp.n_embd_v_gqa(il0));
+    expect("K/V basis (1: K rotated, 2: V rotated; OLLAMA_KV_COMPRESSION_HADAMARD)", cache_basis());
     const uint32_t n_blocks = get();
     staged.k_streams.resize(k_streams.size());
     staged.v_streams.resize(v_streams.size());
@@ -755,6 +784,15 @@ llama_kv_cache * compressible_cache(llama_memory_i * memory) {
 static Tier * tier_of(llama_memory_i * memory) {
     auto * kv = kvggml::compressible_cache(memory);
     return kv ? kv->kvggml_tier.get() : nullptr;
+}
+
+bool kvggml_rotates_cache(const llama_hparams & hparams) {
+    const kvggml::Config cfg = kvggml::Config::from_env();
+    bool full_rope = true;
+    for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+        full_rope = full_rope && (!hparams.has_rope(il) || hparams.n_rot(il) == hparams.n_embd_head_k(il));
+    }
+    return cfg.enabled && cfg.hadamard && full_rope;
 }
 
 uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max) {

@@ -34,7 +34,7 @@ namespace kvggml {
 // A saved state's compressed section starts with this word where llama.cpp's starts with its
 // stream count (docs/FORMAT.md, "Saved state").
 constexpr uint32_t kStateMagic   = 0x5447564B;  // "KVGT"
-constexpr uint32_t kStateVersion = 1;
+constexpr uint32_t kStateVersion = 2;
 
 // One compressed block: B tokens of one sequence, encoded together.
 struct Block {
@@ -163,6 +163,8 @@ private:
     // Move the positions of [p0, p1) of seq_id by new_pos(pos).
     template <typename F> bool move(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1, F new_pos);
     void update_params();  // codec parameters of new blocks, from cfg
+    // Saved with a state: 1 when llama.cpp keeps K Hadamard-rotated (attn_rot_k), + 2 for V.
+    uint32_t cache_basis() const;
     void rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const;
 };
 
