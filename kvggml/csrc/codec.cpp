@@ -102,50 +102,26 @@ void hadamard_run_sse2(float * v, int32_t R, float r) {
     }
 }
 
-// The same on 8 lanes (each 128-bit half as above for h = 1, 2; the halves paired for h = 4).
-__attribute__((target("avx2"))) void hadamard_run_avx2(float * v, int32_t R, float r) {
-    for (int32_t j = 0; j < R; j += 8) {
-        __m256 x = _mm256_loadu_ps(v + j);
-        const __m256 even = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));
-        const __m256 odd  = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 1, 3, 1));
-        x = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));  // h = 1
-        __m256 lo = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 1, 0));
-        __m256 hi = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 2, 3, 2));
-        x = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));  // h = 2
-        lo = _mm256_permute2f128_ps(x, x, 0x00);
-        hi = _mm256_permute2f128_ps(x, x, 0x11);
-        _mm256_storeu_ps(v + j, _mm256_permute2f128_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), 0x20));  // h = 4
-    }
-    for (int32_t h = 8; h < R; h *= 2) {
-        for (int32_t span = 0; span < R; span += 2 * h) {
-            for (int32_t j = span; j < span + h; j += 8) {
-                const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
-                _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
-                _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
-            }
-        }
-    }
-    const __m256 scale = _mm256_set1_ps(r);
-    for (int32_t j = 0; j < R; j += 8) {
-        _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), scale));
-    }
+// Stages h = 1, 2, 4 of one 8-lane vector: each 128-bit half as above for h = 1, 2, then the
+// halves paired.
+__attribute__((target("avx2"))) inline __m256 hadamard_within_8(__m256 x) {
+    const __m256 even = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 odd  = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 1, 3, 1));
+    x = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));  // h = 1
+    __m256 lo = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 hi = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 2, 3, 2));
+    x = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));  // h = 2
+    lo = _mm256_permute2f128_ps(x, x, 0x00);
+    hi = _mm256_permute2f128_ps(x, x, 0x11);
+    return _mm256_permute2f128_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), 0x20);  // h = 4
 }
 
 // R = 8 * kVectors held in registers from load to store (64 and 128, the common head sizes):
-// the stages of hadamard_run_avx2, in the same order, without a trip through memory.
+// the stages of hadamard_run_sse2 on 8 lanes, in the same order, without a trip through memory.
 template <int kVectors> __attribute__((target("avx2"))) void hadamard_run_avx2_registers(float * v, float r) {
     __m256 x[kVectors];
     for (int i = 0; i < kVectors; ++i) {
-        x[i] = _mm256_loadu_ps(v + 8 * i);
-        const __m256 even = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(2, 0, 2, 0));
-        const __m256 odd  = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(3, 1, 3, 1));
-        x[i] = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));
-        const __m256 lo = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(1, 0, 1, 0));
-        const __m256 hi = _mm256_shuffle_ps(x[i], x[i], _MM_SHUFFLE(3, 2, 3, 2));
-        x[i] = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));
-        const __m256 lo4 = _mm256_permute2f128_ps(x[i], x[i], 0x00);
-        const __m256 hi4 = _mm256_permute2f128_ps(x[i], x[i], 0x11);
-        x[i] = _mm256_permute2f128_ps(_mm256_add_ps(lo4, hi4), _mm256_sub_ps(lo4, hi4), 0x20);
+        x[i] = hadamard_within_8(_mm256_loadu_ps(v + 8 * i));
     }
     for (int h = 1; h < kVectors; h *= 2) {  // h vectors = 8h lanes
         for (int span = 0; span < kVectors; span += 2 * h) {
@@ -167,8 +143,6 @@ void hadamard_run(float * v, int32_t R, float r) {
         hadamard_run_avx2_registers<8>(v, r);
     } else if (R == 128 && kCpu.avx2) {
         hadamard_run_avx2_registers<16>(v, r);
-    } else if (R % 8 == 0 && kCpu.avx2) {
-        hadamard_run_avx2(v, R, r);
     } else if (R % 4 == 0) {
         hadamard_run_sse2(v, R, r);
     } else {
