@@ -74,8 +74,8 @@ void hadamard_run_scalar(float * v, int32_t R, float r) {
 }
 
 #if KVGGML_X86_KERNELS
-// The same butterflies four or eight lanes at a time: the first stages pair lanes inside
-// one vector, the later ones whole vectors. Every value gets the same additions in the same
+// The same butterflies four lanes at a time: stages 1 and 2 pair lanes inside one vector,
+// the later ones whole vectors. Every value gets the same additions in the same
 // order, so the result is bit-identical to the scalar loop.
 void hadamard_run_sse2(float * v, int32_t R, float r) {
     for (int32_t j = 0; j < R; j += 4) {
@@ -102,48 +102,10 @@ void hadamard_run_sse2(float * v, int32_t R, float r) {
     }
 }
 
-// Stages h = 1, 2, 4 of one 8-lane vector: each 128-bit half as above for h = 1, 2, then the
-// halves paired.
-__attribute__((target("avx2"))) inline __m256 hadamard_within_8(__m256 x) {
-    const __m256 even = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));
-    const __m256 odd  = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 1, 3, 1));
-    x = _mm256_unpacklo_ps(_mm256_add_ps(even, odd), _mm256_sub_ps(even, odd));  // h = 1
-    __m256 lo = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 1, 0));
-    __m256 hi = _mm256_shuffle_ps(x, x, _MM_SHUFFLE(3, 2, 3, 2));
-    x = _mm256_shuffle_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), _MM_SHUFFLE(1, 0, 1, 0));  // h = 2
-    lo = _mm256_permute2f128_ps(x, x, 0x00);
-    hi = _mm256_permute2f128_ps(x, x, 0x11);
-    return _mm256_permute2f128_ps(_mm256_add_ps(lo, hi), _mm256_sub_ps(lo, hi), 0x20);  // h = 4
-}
-
-// R = 8 * kVectors held in registers from load to store (64 and 128, the common head sizes):
-// the stages of hadamard_run_sse2 on 8 lanes, in the same order, without a trip through memory.
-template <int kVectors> __attribute__((target("avx2"))) void hadamard_run_avx2_registers(float * v, float r) {
-    __m256 x[kVectors];
-    for (int i = 0; i < kVectors; ++i) {
-        x[i] = hadamard_within_8(_mm256_loadu_ps(v + 8 * i));
-    }
-    for (int h = 1; h < kVectors; h *= 2) {  // h vectors = 8h lanes
-        for (int span = 0; span < kVectors; span += 2 * h) {
-            for (int i = span; i < span + h; ++i) {
-                const __m256 a = x[i], b = x[i + h];
-                x[i]     = _mm256_add_ps(a, b);
-                x[i + h] = _mm256_sub_ps(a, b);
-            }
-        }
-    }
-    const __m256 scale = _mm256_set1_ps(r);
-    for (int i = 0; i < kVectors; ++i) {
-        _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(x[i], scale));
-    }
-}
-
+// With the cache in llama.cpp's Hadamard basis (tier.cpp) blocks are encoded and decoded
+// without it, so SSE2 is enough here.
 void hadamard_run(float * v, int32_t R, float r) {
-    if (R == 64 && kCpu.avx2) {
-        hadamard_run_avx2_registers<8>(v, r);
-    } else if (R == 128 && kCpu.avx2) {
-        hadamard_run_avx2_registers<16>(v, r);
-    } else if (R % 4 == 0) {
+    if (R % 4 == 0) {
         hadamard_run_sse2(v, R, r);
     } else {
         hadamard_run_scalar(v, R, r);
