@@ -269,3 +269,17 @@ def test_the_patched_library_carries_the_same_codec():
     assert res.returncode == 0, res.stderr[-3000:]
     vectors, invalid = map(int, res.stdout.split())
     assert vectors >= 15 and invalid >= 20
+
+
+def test_the_codec_benchmark_builds_runs_and_refuses_bad_arguments(tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: cannot build the benchmark")
+    exe = tmp_path / "bench_codec"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-I", str(REPO / "kvggml/csrc"),
+                    "-I", str(REPO / "kvggml/csrc/include"), str(REPO / "scripts/bench_codec.cpp"),
+                    str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(exe)], check=True)
+    for rotation in ("1", "64"):
+        res = subprocess.run([str(exe), rotation, "1"], capture_output=True, text=True)
+        assert res.returncode == 0 and f"rotation {rotation}: " in res.stdout and "ns per decoded element" in res.stdout
+    res = subprocess.run([str(exe), "3", "1"], capture_output=True, text=True)
+    assert res.returncode == 2 and "rotation: 1 or a power of two dividing 192" in res.stderr
