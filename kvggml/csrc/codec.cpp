@@ -133,20 +133,28 @@ void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
     }
 }
 
+// Without copies: level l writes its n rows to t when l is odd, to tmp when even, so level 1
+// ends in t. Its approximations come from the level before (t for l = L), its details from t's
+// rows [n/2, n), which no earlier level wrote (they wrote n/2 rows or fewer). Writing into t
+// while reading t is safe: output rows 2i, 2i+1 are never detail rows still to be read, and
+// when l = L is odd its one pair of rows is read before it is written, channel by channel.
 void haar_inverse(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
+    const float * approx = t;
     for (int32_t l = L; l >= 1; --l) {
         const int32_t n = B >> (l - 1);
+        float * out = l % 2 ? t : tmp;
         for (int32_t i = 0; i < n / 2; ++i) {
-            const float * a = t + (size_t) i * C;
+            const float * a = approx + (size_t) i * C;
             const float * d = t + (size_t) (n / 2 + i) * C;
-            float * e0 = tmp + (size_t) (2 * i) * C;
+            float * e0 = out + (size_t) (2 * i) * C;
             float * e1 = e0 + C;
             for (int32_t c = 0; c < C; ++c) {
-                e0[c] = (a[c] + d[c]) * kSqrtHalf;
-                e1[c] = (a[c] - d[c]) * kSqrtHalf;
+                const float ac = a[c], dc = d[c];
+                e0[c] = (ac + dc) * kSqrtHalf;
+                e1[c] = (ac - dc) * kSqrtHalf;
             }
         }
-        std::memcpy(t, tmp, sizeof(float) * (size_t) n * C);
+        approx = out;
     }
 }
 
@@ -601,18 +609,21 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
     values.resize(value_bytes + 8);
     std::memcpy(values.data(), data + pos, value_bytes);
     std::memset(values.data() + value_bytes, 0, 8);
-    std::fill(work.begin(), work.end(), 0.0f);  // absent groups and dropped subbands: +0.0f
     size_t i = 0, s = 0, bitpos = 0;
     uint32_t never_produced = 0;
     for (int32_t k = 0; k <= L; ++k) {
         const int b = h.bits[k];
+        float * rows = work.data() + (size_t) first_row(B, L, k) * C;
         if (b == 0) {
+            std::fill(rows, rows + (size_t) rows_of(B, L, k) * C, 0.0f);  // dropped subband: +0.0f
             continue;
         }
         const UnpackGroup unpack = unpacker(b);
         for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
             for (int32_t g = 0; g < N; ++g, ++i) {
                 if (!bit(bitmap, i)) {
+                    float * y = work.data() + (size_t) r * C + g * G;
+                    std::fill(y, y + G, 0.0f);  // absent group: +0.0f
                     continue;
                 }
                 const float d = fp16_to_fp32(read_u16(scale_bytes + 2 * s++));
