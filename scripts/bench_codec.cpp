@@ -6,7 +6,7 @@
 // Blocks as the tier encodes them for SmolLM2 (192 channels, level 4, the balanced preset,
 // groups of 64): smooth channels plus noise, f16 output rows. rotation 1 (the default) is the
 // tier's own case, the cache already in llama.cpp's Hadamard basis; 64 rotates in the codec.
-// Add -DKVGGML_CODEC_ISA=0 or 1 to time the portable or SSE2 kernels.
+// Add -DKVGGML_CODEC_PORTABLE to time the portable code.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>

@@ -4,13 +4,10 @@
 
 #include "codec.h"
 
-// The kernels compiled, up to: 0 portable C++, 1 SSE2 (part of x86-64), 2 AVX2 and F16C too,
-// picked at run time so that one library runs on any x86-64 CPU. All give the same bits;
-// the tests build each level.
-#ifndef KVGGML_CODEC_ISA
-#define KVGGML_CODEC_ISA 2
-#endif
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && KVGGML_CODEC_ISA > 0
+// x86-64 builds carry AVX2 and F16C kernels beside the portable code and pick them at run
+// time, so one library runs on any x86-64 CPU; both give the same bits. -DKVGGML_CODEC_PORTABLE
+// builds the portable code alone (the tests check each).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KVGGML_CODEC_PORTABLE)
 #include <immintrin.h>
 #define KVGGML_X86_KERNELS 1
 #endif
@@ -41,9 +38,7 @@ struct CpuFeatures {
 
 CpuFeatures cpu_features() {
     __builtin_cpu_init();  // this runs among the library's static constructors, maybe before libgcc's
-    const bool allowed = KVGGML_CODEC_ISA >= 2;
-    return {allowed && __builtin_cpu_supports("avx2"),
-            allowed && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")};
+    return {__builtin_cpu_supports("avx2") != 0, __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")};
 }
 
 const CpuFeatures kCpu = cpu_features();
@@ -52,68 +47,6 @@ const CpuFeatures kCpu = cpu_features();
 // Subband k's rows in the transformed block (Mallat order, section 3).
 int32_t rows_of(int32_t B, int32_t L, int32_t k) { return k == 0 ? B >> L : B >> (L + 1 - k); }
 int32_t first_row(int32_t B, int32_t L, int32_t k) { return k == 0 ? 0 : B >> (L + 1 - k); }
-
-// Section 2 on one run of R values. The butterflies of one stage touch disjoint pairs, so
-// visiting them span by span (instead of testing j & h) gives the same values and a
-// contiguous inner loop.
-void hadamard_run_scalar(float * v, int32_t R, float r) {
-    for (int32_t h = 1; h < R; h *= 2) {
-        for (int32_t span = 0; span < R; span += 2 * h) {
-            float * lo = v + span;
-            float * hi = lo + h;
-            for (int32_t j = 0; j < h; ++j) {
-                const float a = lo[j], b = hi[j];
-                lo[j] = a + b;
-                hi[j] = a - b;
-            }
-        }
-    }
-    for (int32_t j = 0; j < R; ++j) {
-        v[j] = v[j] * r;
-    }
-}
-
-#if KVGGML_X86_KERNELS
-// The same butterflies four lanes at a time: stages 1 and 2 pair lanes inside one vector,
-// the later ones whole vectors. Every value gets the same additions in the same
-// order, so the result is bit-identical to the scalar loop.
-void hadamard_run_sse2(float * v, int32_t R, float r) {
-    for (int32_t j = 0; j < R; j += 4) {
-        __m128 x = _mm_loadu_ps(v + j);
-        const __m128 even = _mm_shuffle_ps(x, x, _MM_SHUFFLE(2, 0, 2, 0));  // x0 x2 x0 x2
-        const __m128 odd  = _mm_shuffle_ps(x, x, _MM_SHUFFLE(3, 1, 3, 1));  // x1 x3 x1 x3
-        x = _mm_unpacklo_ps(_mm_add_ps(even, odd), _mm_sub_ps(even, odd));  // h = 1
-        const __m128 lo = _mm_movelh_ps(x, x);                              // x0 x1 x0 x1
-        const __m128 hi = _mm_movehl_ps(x, x);                              // x2 x3 x2 x3
-        _mm_storeu_ps(v + j, _mm_movelh_ps(_mm_add_ps(lo, hi), _mm_sub_ps(lo, hi)));  // h = 2
-    }
-    for (int32_t h = 4; h < R; h *= 2) {
-        for (int32_t span = 0; span < R; span += 2 * h) {
-            for (int32_t j = span; j < span + h; j += 4) {
-                const __m128 a = _mm_loadu_ps(v + j), b = _mm_loadu_ps(v + j + h);
-                _mm_storeu_ps(v + j, _mm_add_ps(a, b));
-                _mm_storeu_ps(v + j + h, _mm_sub_ps(a, b));
-            }
-        }
-    }
-    const __m128 scale = _mm_set1_ps(r);
-    for (int32_t j = 0; j < R; j += 4) {
-        _mm_storeu_ps(v + j, _mm_mul_ps(_mm_loadu_ps(v + j), scale));
-    }
-}
-
-// With the cache in llama.cpp's Hadamard basis (tier.cpp) blocks are encoded and decoded
-// without it, so SSE2 is enough here.
-void hadamard_run(float * v, int32_t R, float r) {
-    if (R % 4 == 0) {
-        hadamard_run_sse2(v, R, r);
-    } else {
-        hadamard_run_scalar(v, R, r);
-    }
-}
-#else
-void hadamard_run(float * v, int32_t R, float r) { hadamard_run_scalar(v, R, r); }
-#endif
 
 // Section 3 along rows (tokens), every channel at once: contiguous inner loops over channels.
 void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
@@ -187,9 +120,9 @@ struct BitWriter {
 bool bit(const uint8_t * bytes, size_t i) { return (bytes[i / 8] >> (i % 8)) & 1; }
 
 // Decodes n values of one group (section 4): b-bit two's complement from bit `bitpos` of src
-// (8 readable bytes past the last value), each times d, into y. Returns nonzero if a value is
-// -2^(b-1), which the encoder never produces. kBits = b lets the compiler fix every shift:
-// eight values then come from one aligned 8-byte load; kBits = 0 serves any width.
+// (8 readable bytes past the last value), each times d, into y; each value is one 8-byte load
+// and a shift. Returns nonzero if a value is -2^(b-1), which the encoder never produces.
+// kBits = b lets the compiler fix every shift; kBits = 0 serves any width.
 template <int kBits>
 uint32_t unpack_group(const uint8_t * src, size_t bitpos, int b, int32_t n, float d, float * y) {
     if constexpr (kBits != 0) {
@@ -198,19 +131,7 @@ uint32_t unpack_group(const uint8_t * src, size_t bitpos, int b, int32_t n, floa
     const uint32_t mask = (1u << b) - 1u, sign_bit = 1u << (b - 1);
     const int      extend = 32 - b;
     uint32_t       never_produced = 0;
-    int32_t        j = 0;
-    if (kBits != 0 && kBits <= 8 && bitpos % 8 == 0) {
-        for (; j + 8 <= n; j += 8) {
-            uint64_t word;
-            std::memcpy(&word, src + bitpos / 8 + (size_t) j * b / 8, 8);
-            for (int t = 0; t < 8; ++t) {
-                const uint32_t raw = (uint32_t) (word >> (t * b)) & mask;
-                never_produced |= raw == sign_bit;
-                y[j + t] = (float) ((int32_t) (raw << extend) >> extend) * d;
-            }
-        }
-    }
-    for (bitpos += (size_t) j * b; j < n; ++j, bitpos += b) {
+    for (int32_t j = 0; j < n; ++j, bitpos += b) {
         uint64_t word;
         std::memcpy(&word, src + bitpos / 8, 8);
         const uint32_t raw = (uint32_t) (word >> (bitpos % 8)) & mask;
@@ -241,11 +162,8 @@ __attribute__((target("avx2"))) uint32_t unpack_group_avx2(const uint8_t * src, 
     for (; j + 8 <= n; j += 8) {
         uint64_t word;
         std::memcpy(&word, src + bitpos / 8 + (size_t) j * kBits / 8, 8);
-        const __m256i halves = _mm256_setr_epi32((int) (uint32_t) word, (int) (uint32_t) word, (int) (uint32_t) word,
-                                                 (int) (uint32_t) word, (int) (uint32_t) (word >> (4 * kBits)),
-                                                 (int) (uint32_t) (word >> (4 * kBits)),
-                                                 (int) (uint32_t) (word >> (4 * kBits)),
-                                                 (int) (uint32_t) (word >> (4 * kBits)));
+        const int lo = (int) (uint32_t) word, hi = (int) (uint32_t) (word >> (4 * kBits));
+        const __m256i halves = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
         const __m256i raw = _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
         never_produced = _mm256_or_si256(never_produced, _mm256_cmpeq_epi32(raw, sign_bit));
         const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(raw, 32 - kBits), 32 - kBits);
@@ -282,6 +200,9 @@ uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
 
 } // namespace
 
+// Section 2. The butterflies of one stage touch disjoint pairs, so visiting them span by span
+// (instead of testing j & h) gives the same values and a contiguous inner loop. With the cache
+// in llama.cpp's Hadamard basis (tier.cpp) the tier's blocks need no rotation here.
 void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
     if (R <= 1) {
         return;
@@ -289,7 +210,21 @@ void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R) {
     const float r = (float) (1.0 / std::sqrt((double) R));
     for (int32_t row = 0; row < n_rows; ++row) {
         for (int32_t run = 0; run < C; run += R) {
-            hadamard_run(x + (size_t) row * C + run, R, r);
+            float * v = x + (size_t) row * C + run;
+            for (int32_t h = 1; h < R; h *= 2) {
+                for (int32_t span = 0; span < R; span += 2 * h) {
+                    float * lo = v + span;
+                    float * hi = lo + h;
+                    for (int32_t j = 0; j < h; ++j) {
+                        const float a = lo[j], b = hi[j];
+                        lo[j] = a + b;
+                        hi[j] = a - b;
+                    }
+                }
+            }
+            for (int32_t j = 0; j < R; ++j) {
+                v[j] = v[j] * r;
+            }
         }
     }
 }
