@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,7 +47,12 @@ BRANCH = "kvggml"
 # Records which source and which patch series a tree holds, so a rerun with nothing changed does nothing.
 SOURCE_STAMP = ".kvggml-source"
 SERIES_STAMP = "kvggml-series"  # inside .git of the patched checkout
+# Records the options and compilers a build tree was configured with: any change reconfigures it.
+CONFIGURE_STAMP = ".kvggml-configure"
 
+# x86 only: other compilers do not know these flags.
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+NO_AMX_FLAGS = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"] if X86 else []
 TARGETS = ["llama", "llama-perplexity", "llama-bench"]
 CMAKE_OPTIONS = [
     "-G", "Ninja",
@@ -57,7 +65,13 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
+    # No AMX kernels in either tree: on AMX CPUs (Sapphire Rapids and later) ggml's AMX matmul
+    # crashes stock and patched alike (llama.cpp #20824). Explicit -mno-* flags win over
+    # -march=native whatever their order, in GCC and Clang.
+    *([f"-DCMAKE_C_FLAGS={' '.join(NO_AMX_FLAGS)}", f"-DCMAKE_CXX_FLAGS={' '.join(NO_AMX_FLAGS)}"] if X86 else []),
 ]
+# KVGGML_CMAKE_OPTIONS adds options to both builds alike (stock stays comparable), e.g. "-DGGML_NATIVE=OFF".
+EXTRA_CMAKE_OPTIONS = shlex.split(os.environ.get("KVGGML_CMAKE_OPTIONS", ""))
 GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]
 
 
@@ -220,10 +234,43 @@ def cmd_format_patches() -> None:
         log(f"wrote patches/{p.name}")
 
 
+def compiler_identity(env: dict) -> dict:
+    """Each compiler CMake will pick (CC/CXX or the default), by resolved path and version."""
+    identity = {}
+    for var, default in (("CC", "cc"), ("CXX", "c++")):
+        name = env.get(var, default).split()[0]
+        path = shutil.which(name, path=env.get("PATH"))
+        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1] if path else []
+        identity[var] = {"path": str(Path(path).resolve()) if path else name, "version": version[0] if version else ""}
+    return identity
+
+
+def configure(src: Path, out: Path, options: list[str], env: dict) -> bool:
+    """Configure out from src unless it already was with these options and compilers; True when it ran.
+
+    A changed identity starts from an empty cache: CMake keeps cached values that the new options
+    no longer set, and a compiler can only be chosen on a tree's first configure.
+    """
+    identity = json.dumps({"source": str(src), "options": options, "compilers": compiler_identity(env)},
+                          indent=1, sort_keys=True)
+    stamp = out / CONFIGURE_STAMP
+    if (out / "CMakeCache.txt").exists() and stamp.exists() and stamp.read_text() == identity:
+        return False
+    if (out / "CMakeCache.txt").exists():
+        log(f"build options or compilers of {out.name} changed: reconfiguring")
+    stamp.unlink(missing_ok=True)
+    (out / "CMakeCache.txt").unlink(missing_ok=True)
+    shutil.rmtree(out / "CMakeFiles", ignore_errors=True)
+    log(f"configuring {out.name}")
+    run(["cmake", "-S", str(src), "-B", str(out), *options], env=env, quiet=True)
+    stamp.write_text(identity)
+    return True
+
+
 def build_variant(variant: str, jobs: int) -> None:
     src = STOCK_SRC if variant == "stock" else PATCHED_SRC
     out = BUILD / variant
-    options = list(CMAKE_OPTIONS)
+    options = [*CMAKE_OPTIONS, *EXTRA_CMAKE_OPTIONS]
     if variant == "patched":
         options.append(f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}")
     env = dict(os.environ)
@@ -231,9 +278,7 @@ def build_variant(variant: str, jobs: int) -> None:
         # Paths relative to the repo in the ccache key: a fresh clone (CI) reuses this machine's objects.
         env.setdefault("CCACHE_BASEDIR", str(REPO))
         env.setdefault("CCACHE_NOHASHDIR", "true")
-    if not (out / "CMakeCache.txt").exists():
-        log(f"configuring {variant}")
-        run(["cmake", "-S", str(src), "-B", str(out), *options], env=env, quiet=True)
+    configure(src, out, options, env)
     log(f"building {variant}: {', '.join(TARGETS)}")
     run(["cmake", "--build", str(out), "--parallel", str(jobs), "--target", *TARGETS], env=env)
 

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 VENDOR = [sys.executable, str(REPO / "scripts" / "vendor.py")]
+_spec = importlib.util.spec_from_file_location("vendor", REPO / "scripts" / "vendor.py")
+vendor_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vendor_module)
 
 
 def vendor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*VENDOR, *args], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **(env or {})})
-
-
-def test_nothing_changed_means_nothing_to_do():
-    res = vendor("build")
-    assert res.returncode == 0, res.stderr
-    assert "patches up to date" in res.stderr
-    assert res.stderr.count("ninja: no work to do.") == 2, res.stderr
 
 
 def test_no_llama_cpp_source_is_tracked():
@@ -50,3 +51,105 @@ def test_a_patch_that_does_not_apply_names_itself(tmp_path):
     # the failed series is not taken for a finished one
     again = vendor("apply-patches", env=env)
     assert again.returncode == 1 and "does not apply" in again.stderr
+
+
+def test_nothing_changed_means_nothing_to_do():
+    res = vendor("build")
+    assert res.returncode == 0, res.stderr
+    assert "patches up to date" in res.stderr
+    assert "configuring" not in res.stderr
+    assert res.stderr.count("ninja: no work to do.") == 2, res.stderr
+
+
+# --- AMX: ggml's AMX kernels crash stock and patched alike on AMX CPUs (llama.cpp #20824)
+
+AMX_MACROS = ("__AMX_TILE__", "__AMX_INT8__", "__AMX_BF16__")
+AMX_INSTRUCTIONS = re.compile(r"\b(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tdpb[su][su]d|tdpbf16ps)\b")
+
+
+def cmake_cache(variant: str) -> dict[str, str]:
+    path = REPO / "build" / variant / "CMakeCache.txt"
+    entries = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith(("#", "//")))
+    return {key.split(":")[0]: value for key, value in entries}
+
+
+@pytest.mark.skipif(not vendor_module.X86, reason="AMX is x86 only")
+@pytest.mark.parametrize("variant", ["stock", "patched"])
+def test_both_builds_are_configured_without_amx(variant):
+    cache = cmake_cache(variant)
+    for lang in ("C", "CXX"):
+        assert set(vendor_module.NO_AMX_FLAGS) <= set(cache[f"CMAKE_{lang}_FLAGS"].split()), cache[f"CMAKE_{lang}_FLAGS"]
+
+
+def predefined_macros(compiler: str, *flags: str) -> set[str]:
+    res = subprocess.run([compiler, *flags, "-dM", "-E", "-x", "c", "-"], input="", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return {line.split()[1] for line in res.stdout.splitlines()}
+
+
+@pytest.mark.skipif(not vendor_module.X86, reason="AMX is x86 only")
+@pytest.mark.parametrize("variant", ["stock", "patched"])
+def test_the_build_flags_turn_amx_off_on_an_amx_cpu(variant):
+    # Whatever this machine's CPU: -march=sapphirerapids is what -march=native gives on an AMX one.
+    compiler = cmake_cache(variant)["CMAKE_C_COMPILER"]
+    assert set(AMX_MACROS) <= predefined_macros(compiler, "-march=sapphirerapids")
+    flags = cmake_cache(variant)["CMAKE_C_FLAGS"].split()
+    # CMake puts CMAKE_C_FLAGS before ggml's -march=native; either order must do
+    assert not set(AMX_MACROS) & predefined_macros(compiler, *flags, "-march=sapphirerapids")
+    assert not set(AMX_MACROS) & predefined_macros(compiler, "-march=sapphirerapids", *flags)
+
+
+@pytest.mark.parametrize("variant", ["stock", "patched"])
+def test_the_built_libraries_hold_no_amx_instruction(variant):
+    libraries = sorted((REPO / "build" / variant / "bin").glob("libggml*.so"))
+    assert libraries
+    for library in libraries:
+        disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+        assert not AMX_INSTRUCTIONS.search(disassembly), f"{library.name}: {AMX_INSTRUCTIONS.search(disassembly).group(0)}"
+
+
+# --- build identity: options and compilers decide whether a tree is reconfigured
+
+@pytest.fixture
+def tiny_project(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(tiny C)\n"
+                                        "option(TINY_OPTION \"a test option\" OFF)\nadd_library(tiny tiny.c)\n")
+    (src / "tiny.c").write_text("int tiny(void) { return 1; }\n")
+    return src, tmp_path / "out"
+
+
+@pytest.mark.fast
+def test_an_unchanged_identity_does_not_reconfigure(tiny_project):
+    src, out = tiny_project
+    env = dict(os.environ)
+    assert vendor_module.configure(src, out, ["-G", "Ninja", "-DTINY_OPTION=ON"], env)
+    cache = (out / "CMakeCache.txt").stat().st_mtime_ns
+    assert not vendor_module.configure(src, out, ["-G", "Ninja", "-DTINY_OPTION=ON"], env)
+    assert (out / "CMakeCache.txt").stat().st_mtime_ns == cache
+
+
+@pytest.mark.fast
+def test_a_changed_option_reconfigures_from_an_empty_cache(tiny_project):
+    src, out = tiny_project
+    env = dict(os.environ)
+    vendor_module.configure(src, out, ["-G", "Ninja", "-DTINY_OPTION=ON", "-DCMAKE_C_FLAGS=-DFOO"], env)
+    assert "TINY_OPTION:BOOL=ON" in (out / "CMakeCache.txt").read_text()
+    # an option dropped must not survive in the cache either
+    assert vendor_module.configure(src, out, ["-G", "Ninja"], env)
+    text = (out / "CMakeCache.txt").read_text()
+    assert "TINY_OPTION:BOOL=OFF" in text and "-DFOO" not in text
+
+
+@pytest.mark.fast
+def test_a_changed_compiler_reconfigures(tiny_project, tmp_path):
+    src, out = tiny_project
+    env = dict(os.environ)
+    vendor_module.configure(src, out, ["-G", "Ninja"], env)
+    wrapper = tmp_path / "my-cc"
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('cc')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert vendor_module.configure(src, out, ["-G", "Ninja"], {**env, "CC": str(wrapper)})
+    assert f"CMAKE_C_COMPILER:FILEPATH={wrapper}" in (out / "CMakeCache.txt").read_text()
+    assert not vendor_module.configure(src, out, ["-G", "Ninja"], {**env, "CC": str(wrapper)})
