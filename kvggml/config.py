@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from kvggml.codec import PRESETS as CODEC_PRESETS
-from kvggml.codec import HaarCodec, preset_bits
+from kvggml.presets import PRESETS, preset_bits
+
+if TYPE_CHECKING:
+    from kvggml.codecs import HaarCodec
 
 
 class ConfigError(ValueError):
@@ -48,8 +50,6 @@ class Setting:
         return number
 
 
-PRESETS = tuple(CODEC_PRESETS)
-
 # Field name -> setting; the dataclass below has one field per entry, in this order.
 SETTINGS: dict[str, Setting] = {
     "enabled": Setting("OLLAMA_KV_COMPRESSION", 0, "1 turns KV-cache compression on, 0 leaves the cache as stock llama.cpp's",
@@ -61,7 +61,7 @@ SETTINGS: dict[str, Setting] = {
                      "Haar levels along the token axis; a block holds 2^LEVEL tokens", min=1, max=6),
     "preset": Setting("OLLAMA_KV_COMPRESSION_PRESET", "balanced",
                       "bits per wavelet subband (see Presets): hi (5.2 bits/element), balanced (3.5), lo (3.4)",
-                      choices=PRESETS),
+                      choices=tuple(PRESETS)),
     "sinks": Setting("OLLAMA_KV_COMPRESSION_SINKS", 4,
                      "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096),
     "hadamard": Setting("OLLAMA_KV_COMPRESSION_HADAMARD", 1,
@@ -85,6 +85,8 @@ class CompressionConfig:
 
     def codec(self) -> HaarCodec:
         """The codec the library applies with these settings."""
+        from kvggml.codecs import HaarCodec  # numpy: only when asked, so reading settings stays light
+
         return HaarCodec(levels=self.level, bits=preset_bits(self.preset, self.level), hadamard=self.hadamard)
 
     @classmethod

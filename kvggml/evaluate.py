@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax
 
-from kvggml.codec import Codec, parse_codec
+from kvggml.codecs import Codec, parse_codec
 from kvggml.kvstate import KVState
 from kvggml.model import Runner
 from kvggml.progress import Progress

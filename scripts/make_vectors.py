@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvggml.codec import CODECS, HaarCodec, decode_block  # noqa: E402
+from kvggml.codecs import CODECS, HaarCodec, decode_block  # noqa: E402
 
 VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors"
 TOKENS, CHANNELS, HEAD_DIM = 16, 64, 32  # most cases: a 16-token block of 2 heads x 32

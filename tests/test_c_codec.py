@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvggml.codec import HaarCodec, decode_block
+from kvggml.codecs import HaarCodec, decode_block
 from kvggml.library import library_dir
 
 REPO = Path(__file__).resolve().parent.parent

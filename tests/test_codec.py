@@ -1,4 +1,4 @@
-"""The codecs (kvggml/codec.py): golden vectors, the block format's validation, and the evaluator's interface."""
+"""The codecs (kvggml/codecs/): golden vectors, the block format's validation, and the evaluator's interface."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvggml.codec import CODECS, HaarCodec, Kivi, Pooling, Q4_0, Q8_0, decode_block, hadamard_rotate, parse_codec
+from kvggml.codecs import CODECS, HaarCodec, Kivi, Pooling, Q4_0, Q8_0, decode_block, hadamard_rotate, parse_codec
 
 VECTORS = Path(__file__).parent / "vectors"
 

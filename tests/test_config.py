@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from kvggml.config import SETTINGS, CompressionConfig, ConfigError, markdown_table
@@ -56,8 +60,12 @@ def test_library_choice(tmp_path):
     assert (custom.variant, custom.directory) == ("custom", tmp_path)
 
 
-def test_readme_documents_every_variable():
-    from pathlib import Path
+def test_importing_config_loads_no_numpy():
+    # the CLI and the library read settings on every start: they must not pay for numpy
+    code = "import kvggml.config, sys; assert 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
+
+def test_readme_documents_every_variable():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert markdown_table() in readme

@@ -1,0 +1,18 @@
+"""The named presets: bits per wavelet subband (no numpy, so configuration stays light to import)."""
+
+from __future__ import annotations
+
+# Subband widths of the named presets: A_L, then details D_1 (finest), D_2, D_3, D_4 and coarser.
+# Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); the library reads the same table
+# (kvggml/csrc/config.cpp) for OLLAMA_KV_COMPRESSION_PRESET.
+PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
+    "hi": (8, (4, 5, 6, 7)),
+    "balanced": (6, (3, 3, 3, 4)),
+    "lo": (4, (3, 3, 3, 3)),
+}
+
+
+def preset_bits(preset: str, levels: int) -> tuple[int, ...]:
+    """Widths [A_L, D_L, ..., D_1] of a preset at `levels` levels."""
+    approximation, detail = PRESETS[preset]
+    return (approximation, *(detail[min(j, 4) - 1] for j in range(levels, 0, -1)))
