@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy.special import log_softmax
+from tqdm import tqdm
 
 from kvggml.codecs import Codec, parse_codec
 from kvggml.kvstate import KVState
+from kvggml.metrics import kld_per_row
 from kvggml.model import Runner
-from kvggml.progress import Progress
 
 STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml type id, bits per element
 # haar-16 changes values by ~2e-5 (relative): its KLD is the measurement's noise floor, since any change
@@ -86,9 +87,7 @@ class Reference:
 
     def score(self, logits: np.ndarray) -> dict:
         logp = log_softmax(logits.astype(np.float32), axis=-1)
-        p_ref = np.exp(self.logp.astype(np.float64))
-        kld = (p_ref * (self.logp.astype(np.float64) - logp)).sum(axis=-1)
-        kld = np.maximum(kld, 0.0)  # float rounding can give -1e-12 for identical rows
+        kld = kld_per_row(self.logp, logp)
         ppl = self._ppl(logp)
         return dict(ppl=ppl, dppl_pct=100.0 * (ppl / self.ppl - 1.0), kld_mean=float(kld.mean()),
                     kld_p99=float(np.quantile(kld, 0.99)),
@@ -133,9 +132,8 @@ def cache_f16_bytes(state: KVState) -> int:
 
 
 def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill: int = 2048, n_score: int = 512,
-             window: int = 512, sinks: int = 4, n_threads: int | None = None,
-             progress: Progress | None = None) -> dict:
-    progress = progress or Progress(len(rows) + 1)
+             window: int = 512, sinks: int = 4, n_threads: int | None = None) -> dict:
+    """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
     n_ctx = n_prefill + n_score
     with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_threads=n_threads) as ref_run:
         tokens = ref_run.tokenize(text)
@@ -143,17 +141,18 @@ def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill:
             raise ValueError(f"the text has {len(tokens)} tokens; N + M + 1 = {n_ctx + 1} are needed")
         prefix, scored = tokens[:n_prefill], tokens[n_prefill:n_ctx]
         n_head_kv = llama_cpp.llama_model_n_head_kv(ref_run.model)
+        progress = tqdm(total=len(rows) + 1, desc="uncompressed reference")
         t0 = time.perf_counter()
-        progress.step("uncompressed reference")
         ref_run.decode(prefix, 0)
         blob = ref_run.get_state()
         reference = Reference(ref_run.decode(scored, n_prefill, want_logits=True), scored[1:])
         base_seconds = time.perf_counter() - t0
         f16_bytes = cache_f16_bytes(KVState.parse(blob))
+        progress.update()
 
         results = []
         for row in rows:
-            progress.step(row.label)
+            progress.set_description(row.label)
             t0 = time.perf_counter()
             if row.stock_type:
                 type_id, bits = STOCK_TYPES[row.stock_type]
@@ -180,7 +179,8 @@ def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill:
             results.append(RowResult(label=row.label, **reference.score(logits), **extra,
                                      kv_ratio_f16=extra["kv_bytes"] / f16_bytes,
                                      seconds=time.perf_counter() - t0))
-        progress.done()
+            progress.update()
+        progress.close()
     return dict(model=str(model_path), n_prefill=n_prefill, n_score=n_score, window=window, sinks=sinks,
                 reference_ppl=reference.ppl, reference_seconds=base_seconds, f16_kv_bytes=f16_bytes,
                 rows=[asdict(r) for r in results])
