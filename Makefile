@@ -1,6 +1,7 @@
 # kvggml: one entry point for set-up, build, the evaluator and the tests.
 #   make eval     set up everything, then evaluate codecs on the default model
 #   make test     set up everything, then run the test suite
+#   make test-fast  the tests that need no llama.cpp build (codec, wavelet, config, ...), in under a minute
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ chat: build
 
 test: build
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m fast
 
 apply-patches:
 	$(PYTHON) scripts/vendor.py apply-patches

@@ -10,6 +10,8 @@ import pytest
 
 from kvggml.codecs import CODECS, HaarCodec, Kivi, Pooling, Q4_0, Q8_0, decode_block, hadamard_rotate, parse_codec
 
+pytestmark = pytest.mark.fast
+
 VECTORS = Path(__file__).parent / "vectors"
 
 

@@ -7,6 +7,8 @@ import pytest
 from kvggml.config import SETTINGS, CompressionConfig, ConfigError, markdown_table
 from kvggml.library import choose_library
 
+pytestmark = pytest.mark.fast
+
 
 def test_defaults_when_unset():
     config = CompressionConfig.from_env({})

@@ -10,6 +10,8 @@ from scipy.special import log_softmax
 
 from kvggml.metrics import kld_per_row, mean_kld
 
+pytestmark = pytest.mark.fast
+
 
 def test_identical_logits_give_zero():
     logits = np.random.default_rng(0).standard_normal((8, 100)).astype(np.float32)

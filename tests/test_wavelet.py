@@ -8,6 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from kvggml.wavelet import haar_forward, haar_inverse, subband_slices
 
+pytestmark = pytest.mark.fast
+
 
 @st.composite
 def blocks(draw, dtype=np.float64):
