@@ -635,6 +635,15 @@ const char * kvggml_error_name(int32_t code) {
     }
 }
 
+const char * kvggml_codec_kernels(void) {
+#if KVGGML_X86_KERNELS
+    using kvggml::kCpu;
+    return kCpu.avx2 && kCpu.f16c ? "avx2 f16c" : kCpu.avx2 ? "avx2" : kCpu.f16c ? "f16c" : "portable";
+#else
+    return "portable";
+#endif
+}
+
 size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t channels) {
     if (params == nullptr || kvggml::check_params(*params, channels) != KVGGML_OK) {
         return 0;

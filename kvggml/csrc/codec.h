@@ -1,4 +1,4 @@
-// The wavelet block codec: docs/FORMAT.md, bit for bit with kvggml/codec.py (HaarCodec).
+// The wavelet block codec: docs/FORMAT.md, bit for bit with kvggml/codecs/ (HaarCodec, haar_format.py).
 //
 // One BlockCodec per (configuration, channel count) owns all its scratch, so encoding and
 // decoding allocate nothing per block; it is not thread-safe (use one per thread).

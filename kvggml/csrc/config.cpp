@@ -16,7 +16,7 @@ struct Preset {
     uint8_t detail[4];  // D_1 (finest), D_2, D_3, D_4 and coarser
 };
 
-// Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); kvggml/codec.py PRESETS holds the same table.
+// Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); kvggml/presets.py holds the same table.
 constexpr Preset kPresets[] = {
     {"hi",       8, {4, 5, 6, 7}},
     {"balanced", 6, {3, 3, 3, 4}},

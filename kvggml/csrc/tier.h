@@ -1,17 +1,18 @@
 // The compressed tier of one llama_kv_cache.
 //
 // Tokens older than the exact window are encoded block by block (B = 2^level tokens,
-// every layer's K and V, docs/FORMAT.md) and their f16 cells are freed. Attention
-// reads the tier through one custom ggml op per layer and tensor that decodes that
-// layer only, so at most one layer's worth is ever expanded at a time.
+// every layer's K and V, docs/FORMAT.md) and their f16 cells are freed. A block's bytes
+// never change once written.
 //
-// A block's bytes never change once written. Memory operations act on each token's
-// position: removing tokens hides them (the block is freed with its last token),
-// moving them (context shift) records the RoPE rotation still owed to their keys,
-// which decoding applies.
+//   tier.cpp         the store: construction, accounting, compress()
+//   tier-memory.cpp  llama.cpp's memory operations (remove, copy, keep, shift)
+//   tier-state.cpp   saved states
+//   attention.cpp    attention over the tier: the decode op and the mask
+//   llama-hooks.cpp  the entry points the patches call
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -156,8 +157,23 @@ private:
         std::vector<Stream> k_streams, v_streams;
     } staged;
 
+    // A whole block of old tokens to encode: its sequence and its cells, in position order.
+    struct Run {
+        llama_seq_id seq;
+        std::vector<uint32_t> cells;
+    };
+    // The steps of compress().
+    std::vector<Run> old_runs() const;  // every whole block between the sinks and the window
+    std::vector<uint32_t> cells_kept(const std::vector<Run> & runs) const;  // occupied cells not in a run
+    // Encode the runs of one layer's K or V into its stream; with `kept`, also move those cells'
+    // values to the front of the tensor.
+    void encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, const std::vector<uint32_t> * kept);
+    void add_blocks(const std::vector<Run> & runs);  // the runs become blocks; their cells are freed
+    void move_cells_to_front(const std::vector<uint32_t> & kept);
+    void announce(size_t first_new) const;  // the compress callback, for blocks first_new.. on
+
     // Drop the blocks `drop` selects, with their bytes in every stream.
-    template <typename Pred> void erase_blocks_if(Pred drop);
+    void erase_blocks_if(const std::function<bool(const Block &)> & drop);
     // Append a block with bytes copied from block b of `from`.
     void append_copy(const Block & blk, const std::vector<Stream> & from_k, const std::vector<Stream> & from_v, size_t b);
     // Move the positions of [p0, p1) of seq_id by new_pos(pos).
@@ -167,6 +183,13 @@ private:
     uint32_t cache_basis() const;
     void rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const;
 };
+
+// Microseconds of a steady clock, for the encode/decode counters.
+uint64_t now_us();
+
+// This thread's codec for these parameters: a codec owns its scratch and is not shared
+// between threads.
+BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels);
 
 // The plain KV cache that holds the compressed tier of `memory` (the full-attention cache
 // of a sliding-window model), or null when there is none.

@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 2
+#define KVGGML_VERSION_MINOR 3
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -75,6 +75,10 @@ typedef struct kvggml_codec_params {
     float   threshold;  // detail groups at or below threshold x their A_L level are dropped (encoder only)
     uint8_t bits[9];    // bits[0..L]: widths of A_L, D_L, ..., D_1; 0 (dropped) or 2..16
 } kvggml_codec_params;
+
+// The kernels this library picked for this CPU when it loaded, e.g. "avx2 f16c", or "portable"
+// (the same bits either way).
+KVGGML_API const char * kvggml_codec_kernels(void);
 
 // Largest encoded size of one block, or 0 for invalid params.
 KVGGML_API size_t kvggml_codec_block_bound(const kvggml_codec_params * params, int32_t channels);

@@ -1,0 +1,22 @@
+// Attention over the compressed tier: each layer's compressed tokens are decoded in front
+// of its exact cells, and the mask gets matching columns.
+#pragma once
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_tensor;
+class llm_graph_result;
+
+namespace kvggml {
+
+class AttnInput;
+class Tier;
+
+// llm_graph_context::build_attn, for layer il: k, v and kq_mask become the compressed tokens
+// followed by the exact ones. `input` holds the mask shared by every layer of the graph; the
+// first layer creates it.
+void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
+                      ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+
+} // namespace kvggml
