@@ -2,6 +2,7 @@
 #   make eval     set up everything, then evaluate codecs on the default model
 #   make test     set up everything, then run the test suite
 #   make test-fast  the tests that need no llama.cpp build (codec, wavelet, config, ...), in under a minute
+#   make lint     ruff's checks and format check (pyproject.toml), as CI runs them
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -10,7 +11,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ test: build
 
 test-fast: setup
 	$(PY) -m pytest -m fast
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 apply-patches:
 	$(PYTHON) scripts/vendor.py apply-patches

@@ -9,8 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from kvggml import __version__
-from kvggml.config import ConfigError, CompressionConfig
+from kvggml import __version__, cpu
+from kvggml.config import CompressionConfig, ConfigError
 from kvggml.library import REPO, choose_library, kvggml_version, load_llama_cpp
 
 
@@ -23,10 +23,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         "kvggml": __version__,
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_source": f"{lock['filename']} sha256:{lock['sha256']}",
-        "library": {"variant": choice.variant, "path": str(choice.path),
-                    "kvggml_code": kvggml_version(llama_cpp.llama_cpp._lib)},
+        "library": {
+            "variant": choice.variant,
+            "path": str(choice.path),
+            "kvggml_code": kvggml_version(llama_cpp.llama_cpp._lib),
+        },
         "patches": sorted(p.name for p in (REPO / "patches").glob("*.patch")),
         "compression": config.to_env(),
+        "cpu": cpu.report(llama_cpp, choice.directory, patched=kvggml_version(llama_cpp.llama_cpp._lib) is not None),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -37,6 +41,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"library          : {lib['variant']}  {lib['path']}")
     print(f"kvggml code      : {lib['kvggml_code'] or 'absent (stock llama.cpp)'}")
     print(f"patch series     : {', '.join(info['patches']) or 'none'}")
+    print(f"CPU              : {info['cpu']['host']['model']}; flags {' '.join(info['cpu']['host']['flags'])}")
+    print(f"build features   : {' '.join(info['cpu']['build_features'])}")
+    print(f"build C flags    : {info['cpu']['build_c_flags'] or 'unknown (not a kvggml build tree)'}")
+    if info["cpu"]["codec_kernels"]:
+        print(f"codec kernels    : {info['cpu']['codec_kernels']}")
     print("configuration    :")
     for key, value in info["compression"].items():
         print(f"  {key}={value}")
@@ -67,10 +76,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     silence_llama_logs(llama_cpp)
     window = config.threshold if args.window is None else args.window
     sinks = config.sinks if args.sinks is None else args.sinks
-    print(f"model {model.name}, library {choose_library().variant}, N={args.n_prefill}, M={args.n_score}, "
-          f"window={window}, sinks={sinks}", file=sys.stderr)
-    report = evaluate(llama_cpp, model, text, rows, n_prefill=args.n_prefill, n_score=args.n_score,
-                      window=window, sinks=sinks, n_threads=args.threads)
+    print(
+        f"model {model.name}, library {choose_library().variant}, N={args.n_prefill}, M={args.n_score}, "
+        f"window={window}, sinks={sinks}",
+        file=sys.stderr,
+    )
+    report = evaluate(
+        llama_cpp,
+        model,
+        text,
+        rows,
+        n_prefill=args.n_prefill,
+        n_score=args.n_score,
+        window=window,
+        sinks=sinks,
+        n_threads=args.threads,
+    )
     print(f"reference (uncompressed) perplexity {report['reference_ppl']:.3f}")
     print(format_table(report))
     json_path, png_path = write_outputs(report, Path(args.out), f"eval-{model.stem}-N{args.n_prefill}")
@@ -81,14 +102,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def status_line(llm) -> str:
     """Context size and where its KV cache lives: exact f16 cells, compressed blocks."""
     stats = llm.compression.stats()
-    mib = 2 ** 20
+    mib = 2**20
     if not stats["enabled"]:
         return f"[{llm.n_tokens} tokens in context | compression off]"
     per_token = stats["exact_bytes"] / stats["exact_cells"]
-    return (f"[{llm.n_tokens} tokens in context | KV {stats['exact_bytes'] / mib:.1f} MiB exact "
-            f"+ {stats['compressed_bytes'] / mib:.2f} MiB compressed; a stock f16 cache for n_ctx "
-            f"{llm.n_ctx()} takes {llm.n_ctx() * per_token / mib:.0f} MiB | {stats['compressed_tokens']} tokens in "
-            f"{stats['blocks']} compressed blocks]")
+    return (
+        f"[{llm.n_tokens} tokens in context | KV {stats['exact_bytes'] / mib:.1f} MiB exact "
+        f"+ {stats['compressed_bytes'] / mib:.2f} MiB compressed; a stock f16 cache for n_ctx "
+        f"{llm.n_ctx()} takes {llm.n_ctx() * per_token / mib:.0f} MiB | {stats['compressed_tokens']} tokens in "
+        f"{stats['blocks']} compressed blocks]"
+    )
 
 
 def check_chat_format(name: str | None) -> None:
@@ -109,11 +132,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from kvggml import Llama
 
     check_chat_format(args.chat_format)
-    llm = Llama(str(model), compression=not args.no_compression, n_ctx=args.ctx, n_threads=args.threads,
-                chat_format=args.chat_format, verbose=False)
-    print(f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
-          f"{'on (' + llm.compression.settings()['preset'] + ')' if llm.compression.enabled else 'off'}; "
-          "an empty line or end of input quits")
+    llm = Llama(
+        str(model),
+        compression=not args.no_compression,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        chat_format=args.chat_format,
+        verbose=False,
+    )
+    print(
+        f"kvggml chat: {model.name}, n_ctx {args.ctx}, compression "
+        f"{'on (' + llm.compression.settings()['preset'] + ')' if llm.compression.enabled else 'off'}; "
+        "an empty line or end of input quits"
+    )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
@@ -125,8 +156,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         reply = []
-        for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                                stream=True):
+        for chunk in llm.create_chat_completion(
+            messages, max_tokens=args.max_tokens, temperature=args.temperature, stream=True
+        ):
             piece = chunk["choices"][0]["delta"].get("content") or ""
             print(piece, end="", flush=True)
             reply.append(piece)
@@ -152,17 +184,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
     app = server.create_app(
         server_settings=ServerSettings(host=args.host, port=args.port),
-        model_settings=[ModelSettings(model=str(model), n_ctx=args.ctx, flash_attn=True, chat_format=args.chat_format,
-                                     verbose=False, **threads)])
+        model_settings=[
+            ModelSettings(
+                model=str(model),
+                n_ctx=args.ctx,
+                flash_attn=True,
+                chat_format=args.chat_format,
+                verbose=False,
+                **threads,
+            )
+        ],
+    )
 
     @app.get("/kvggml/stats", summary="What the served context's KV cache holds")
     async def stats(proxy=Depends(server.get_llama_proxy)) -> dict:  # the model's lock: no read during a decode
         llm = proxy()
         return {"n_tokens": llm.n_tokens, **native.get_stats(llm.ctx)}
 
-    print(f"kvggml serve: {model.name}, n_ctx {args.ctx}, compression "
-          f"{'off' if args.no_compression else f'on ({config.preset})'}; OpenAI API at "
-          f"http://{args.host}:{args.port}/v1, compression stats at /kvggml/stats", flush=True)
+    print(
+        f"kvggml serve: {model.name}, n_ctx {args.ctx}, compression "
+        f"{'off' if args.no_compression else f'on ({config.preset})'}; OpenAI API at "
+        f"http://{args.host}:{args.port}/v1, compression stats at /kvggml/stats",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 
@@ -190,8 +234,11 @@ def add_context_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=positive, default=8192, help="context size (default 8192)")
     parser.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     parser.add_argument("--no-compression", action="store_true", help="keep the whole cache exact")
-    parser.add_argument("--chat-format", help="llama-cpp-python chat format, e.g. gemma, for a GGUF without a chat "
-                                              "template (default: the model's own template)")
+    parser.add_argument(
+        "--chat-format",
+        help="llama-cpp-python chat format, e.g. gemma, for a GGUF without a chat "
+        "template (default: the model's own template)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,10 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
     ev.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
     ev.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
-    ev.add_argument("--window", type=non_negative, help="recent tokens kept exact (default: OLLAMA_KV_COMPRESSION_THRESHOLD)")
+    ev.add_argument(
+        "--window", type=non_negative, help="recent tokens kept exact (default: OLLAMA_KV_COMPRESSION_THRESHOLD)"
+    )
     ev.add_argument("--sinks", type=non_negative, help="first tokens kept exact (default: OLLAMA_KV_COMPRESSION_SINKS)")
-    ev.add_argument("--rows", nargs="+", metavar="ROW",
-                    help="identity, stock:<f16|q8_0|q4_0>, a codec name or a spec such as haar:levels=2,bits=8.5.4")
+    ev.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="ROW",
+        help="identity, stock:<f16|q8_0|q4_0>, a codec name or a spec such as haar:levels=2,bits=8.5.4",
+    )
     ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)

@@ -8,8 +8,9 @@ value raises ConfigError naming the variable, the value and what is allowed.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from kvggml.presets import PRESETS, preset_bits
 
@@ -52,21 +53,39 @@ class Setting:
 
 # Field name -> setting; the dataclass below has one field per entry, in this order.
 SETTINGS: dict[str, Setting] = {
-    "enabled": Setting("OLLAMA_KV_COMPRESSION", 0, "1 turns KV-cache compression on, 0 leaves the cache as stock llama.cpp's",
-                       min=0, max=1),
-    "threshold": Setting("OLLAMA_KV_COMPRESSION_THRESHOLD", 512,
-                         "most recent tokens of each sequence kept exact (f16); older ones are compressed",
-                         min=0, max=1 << 24),
-    "level": Setting("OLLAMA_KV_COMPRESSION_LEVEL", 4,
-                     "Haar levels along the token axis; a block holds 2^LEVEL tokens", min=1, max=6),
-    "preset": Setting("OLLAMA_KV_COMPRESSION_PRESET", "balanced",
-                      "bits per wavelet subband (see Presets): hi (5.2 bits/element), balanced (3.5), lo (3.4)",
-                      choices=tuple(PRESETS)),
-    "sinks": Setting("OLLAMA_KV_COMPRESSION_SINKS", 4,
-                     "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096),
-    "hadamard": Setting("OLLAMA_KV_COMPRESSION_HADAMARD", 1,
-                        "1 rotates each head with a Hadamard transform before the wavelet (spreads outlier channels)",
-                        min=0, max=1),
+    "enabled": Setting(
+        "OLLAMA_KV_COMPRESSION",
+        0,
+        "1 turns KV-cache compression on, 0 leaves the cache as stock llama.cpp's",
+        min=0,
+        max=1,
+    ),
+    "threshold": Setting(
+        "OLLAMA_KV_COMPRESSION_THRESHOLD",
+        512,
+        "most recent tokens of each sequence kept exact (f16); older ones are compressed",
+        min=0,
+        max=1 << 24,
+    ),
+    "level": Setting(
+        "OLLAMA_KV_COMPRESSION_LEVEL", 4, "Haar levels along the token axis; a block holds 2^LEVEL tokens", min=1, max=6
+    ),
+    "preset": Setting(
+        "OLLAMA_KV_COMPRESSION_PRESET",
+        "balanced",
+        "bits per wavelet subband (see Presets): hi (5.2 bits/element), balanced (3.5), lo (3.4)",
+        choices=tuple(PRESETS),
+    ),
+    "sinks": Setting(
+        "OLLAMA_KV_COMPRESSION_SINKS", 4, "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096
+    ),
+    "hadamard": Setting(
+        "OLLAMA_KV_COMPRESSION_HADAMARD",
+        1,
+        "1 rotates each head with a Hadamard transform before the wavelet (spreads outlier channels)",
+        min=0,
+        max=1,
+    ),
 }
 
 
@@ -90,7 +109,7 @@ class CompressionConfig:
         return HaarCodec(levels=self.level, bits=preset_bits(self.preset, self.level), hadamard=self.hadamard)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "CompressionConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CompressionConfig:
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
@@ -101,8 +120,11 @@ class CompressionConfig:
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        return {SETTINGS[f.name].env: str(int(v) if isinstance(v, bool) else v)
-                for f in fields(self) for v in [getattr(self, f.name)]}
+        return {
+            SETTINGS[f.name].env: str(int(v) if isinstance(v, bool) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
 
 
 def markdown_table() -> str:

@@ -33,8 +33,25 @@ STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml typ
 # haar-16 changes values by ~2e-5 (relative): its KLD is the measurement's noise floor, since any change
 # re-rolls the model's own rounding (e.g. the q8 activations of a quantized model).
 # haar:levels=0,bits=3 is the same quantizer without the wavelet: Haar against plain at equal bits.
-DEFAULT_ROWS = ["identity", "stock:q8_0", "stock:q4_0", "f16", "haar-16", "q8_0", "q4_0", "q4_0+hadamard", "kivi4",
-                "kivi2", "pool2", "evict", "haar:levels=0,bits=3", "haar-hi", "haar", "haar-lo", "haar-noH"]
+DEFAULT_ROWS = [
+    "identity",
+    "stock:q8_0",
+    "stock:q4_0",
+    "f16",
+    "haar-16",
+    "q8_0",
+    "q4_0",
+    "q4_0+hadamard",
+    "kivi4",
+    "kivi2",
+    "pool2",
+    "evict",
+    "haar:levels=0,bits=3",
+    "haar-hi",
+    "haar",
+    "haar-lo",
+    "haar-noH",
+]
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class Row:
     stock_type: str | None = None  # llama.cpp's own cache type, every token
 
     @classmethod
-    def parse(cls, spec: str) -> "Row":
+    def parse(cls, spec: str) -> Row:
         if spec == "identity":
             return cls(spec)
         if spec.startswith("stock:"):
@@ -89,12 +106,18 @@ class Reference:
         logp = log_softmax(logits.astype(np.float32), axis=-1)
         kld = kld_per_row(self.logp, logp)
         ppl = self._ppl(logp)
-        return dict(ppl=ppl, dppl_pct=100.0 * (ppl / self.ppl - 1.0), kld_mean=float(kld.mean()),
-                    kld_p99=float(np.quantile(kld, 0.99)),
-                    top1_agree=float((logp.argmax(-1) == self.logp.argmax(-1)).mean()))
+        return dict(
+            ppl=ppl,
+            dppl_pct=100.0 * (ppl / self.ppl - 1.0),
+            kld_mean=float(kld.mean()),
+            kld_p99=float(np.quantile(kld, 0.99)),
+            top1_agree=float((logp.argmax(-1) == self.logp.argmax(-1)).mean()),
+        )
 
 
-def compress_state(state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int) -> tuple[int, int, int, tuple[int, int] | None]:
+def compress_state(
+    state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int
+) -> tuple[int, int, int, tuple[int, int] | None]:
     """Apply codec in place to the full-attention cache's old cells.
 
     Returns (compressed elements, compressed bytes, compressed tokens, evicted position range or None).
@@ -131,8 +154,17 @@ def cache_f16_bytes(state: KVState) -> int:
     return sum(2 * r.n_cells * r.n_embd for s in state.streams for r in s.k + s.v)
 
 
-def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill: int = 2048, n_score: int = 512,
-             window: int = 512, sinks: int = 4, n_threads: int | None = None) -> dict:
+def evaluate(
+    llama_cpp,
+    model_path: Path,
+    text: str,
+    rows: list[Row],
+    n_prefill: int = 2048,
+    n_score: int = 512,
+    window: int = 512,
+    sinks: int = 4,
+    n_threads: int | None = None,
+) -> dict:
     """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
     n_ctx = n_prefill + n_score
     with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_threads=n_threads) as ref_run:
@@ -156,13 +188,18 @@ def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill:
             t0 = time.perf_counter()
             if row.stock_type:
                 type_id, bits = STOCK_TYPES[row.stock_type]
-                with Runner(llama_cpp, model_path, n_ctx=n_ctx, type_k=type_id, type_v=type_id,
-                            n_threads=n_threads) as run:
+                with Runner(
+                    llama_cpp, model_path, n_ctx=n_ctx, type_k=type_id, type_v=type_id, n_threads=n_threads
+                ) as run:
                     run.decode(prefix, 0)
                     logits = run.decode(scored, n_prefill, want_logits=True)
                 kv_bytes = round(f16_bytes * bits / 16)
-                extra = dict(description=f"llama.cpp's own {row.stock_type} cache, every token",
-                             bits_per_element=bits, compressed_tokens=n_prefill, kv_bytes=kv_bytes)
+                extra = dict(
+                    description=f"llama.cpp's own {row.stock_type} cache, every token",
+                    bits_per_element=bits,
+                    compressed_tokens=n_prefill,
+                    kv_bytes=kv_bytes,
+                )
             else:
                 state = KVState.parse(blob)
                 evicted, elements, nbytes, n_tok = None, 0, 0, 0
@@ -173,27 +210,48 @@ def evaluate(llama_cpp, model_path: Path, text: str, rows: list[Row], n_prefill:
                     ref_run.remove(*evicted)
                 logits = ref_run.decode(scored, n_prefill, want_logits=True)
                 kv_bytes = f16_bytes - 2 * elements + nbytes
-                extra = dict(description=row.codec.description if row.codec else "state read and written back unchanged",
-                             bits_per_element=8.0 * nbytes / elements if elements else 16.0,
-                             compressed_tokens=n_tok, kv_bytes=kv_bytes)
-            results.append(RowResult(label=row.label, **reference.score(logits), **extra,
-                                     kv_ratio_f16=extra["kv_bytes"] / f16_bytes,
-                                     seconds=time.perf_counter() - t0))
+                extra = dict(
+                    description=row.codec.description if row.codec else "state read and written back unchanged",
+                    bits_per_element=8.0 * nbytes / elements if elements else 16.0,
+                    compressed_tokens=n_tok,
+                    kv_bytes=kv_bytes,
+                )
+            results.append(
+                RowResult(
+                    label=row.label,
+                    **reference.score(logits),
+                    **extra,
+                    kv_ratio_f16=extra["kv_bytes"] / f16_bytes,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
             progress.update()
         progress.close()
-    return dict(model=str(model_path), n_prefill=n_prefill, n_score=n_score, window=window, sinks=sinks,
-                reference_ppl=reference.ppl, reference_seconds=base_seconds, f16_kv_bytes=f16_bytes,
-                rows=[asdict(r) for r in results])
+    return dict(
+        model=str(model_path),
+        n_prefill=n_prefill,
+        n_score=n_score,
+        window=window,
+        sinks=sinks,
+        reference_ppl=reference.ppl,
+        reference_seconds=base_seconds,
+        f16_kv_bytes=f16_bytes,
+        rows=[asdict(r) for r in results],
+    )
 
 
 def format_table(report: dict) -> str:
-    head = ("| row | PPL | ΔPPL % | KLD mean | KLD p99 | top-1 % | bits/elt (compressed) | KV vs f16 @N |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| row | PPL | ΔPPL % | KLD mean | KLD p99 | top-1 % | bits/elt (compressed) | KV vs f16 @N |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in report["rows"]:
-        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f} | {r['kld_mean']:.5f} | "
-                     f"{r['kld_p99']:.4f} | {100 * r['top1_agree']:.1f} | {r['bits_per_element']:.2f} | "
-                     f"{100 * r['kv_ratio_f16']:.1f} % |")
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f} | {r['kld_mean']:.5f} | "
+            f"{r['kld_p99']:.4f} | {100 * r['top1_agree']:.1f} | {r['bits_per_element']:.2f} | "
+            f"{100 * r['kv_ratio_f16']:.1f} % |"
+        )
     return "\n".join(lines)
 
 

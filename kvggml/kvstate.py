@@ -61,8 +61,9 @@ class TensorRows:
             return np.dtype("<f4")
         if self.ggml_type == GGML_TYPE_BF16:
             return np.dtype("<u2")
-        raise StateFormatError(f"layer {self.layer} {self.role.upper()} is {self.type_name}: "
-                               "codecs apply to f16, bf16 or f32 caches only")
+        raise StateFormatError(
+            f"layer {self.layer} {self.role.upper()} is {self.type_name}: codecs apply to f16, bf16 or f32 caches only"
+        )
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +90,7 @@ class TensorRows:
             raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
         else:
             raw = np.ascontiguousarray(stored, dtype=self._dtype())
-        blob[self.offset:self.offset + self.nbytes] = raw.tobytes()
+        blob[self.offset : self.offset + self.nbytes] = raw.tobytes()
 
 
 @dataclass
@@ -109,7 +110,7 @@ class KVState:
     n_parts: int
 
     @classmethod
-    def parse(cls, data: bytes) -> "KVState":
+    def parse(cls, data: bytes) -> KVState:
         reader = _Reader(data)
         magic = reader.u32("magic")
         if magic != STATE_MAGIC:
@@ -142,8 +143,9 @@ class _Reader:
     def take(self, n: int, what: str) -> int:
         start = self.pos
         if start + n > len(self.data):
-            raise StateFormatError(f"truncated state: {what} needs {n} bytes at offset {start}, "
-                                   f"the blob has {len(self.data)}")
+            raise StateFormatError(
+                f"truncated state: {what} needs {n} bytes at offset {start}, the blob has {len(self.data)}"
+            )
         self.pos += n
         return start
 
@@ -161,8 +163,9 @@ def _parse_stream(r: _Reader, part: int, cell_count: int) -> CacheStream:
         positions[i] = r.unpack("<i", "cell position")
         n_seq = r.u32("cell n_seq_id")
         if n_seq > 4096:
-            raise StateFormatError(f"cell {i}: n_seq_id {n_seq} is implausible (cells with extra "
-                                   "M-RoPE data are not supported)")
+            raise StateFormatError(
+                f"cell {i}: n_seq_id {n_seq} is implausible (cells with extra M-RoPE data are not supported)"
+            )
         r.take(4 * n_seq, "cell seq ids")
     v_trans = r.u32("v_trans")
     n_layer = r.u32("n_layer")

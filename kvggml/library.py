@@ -10,16 +10,17 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
 
 from kvggml.config import Setting
 
 VARIANTS = ("stock", "patched")
-LIB_SETTING = Setting("KVGGML_LIB", "patched", "which libllama kvggml loads: the patched build or stock llama.cpp",
-                      choices=VARIANTS)
+LIB_SETTING = Setting(
+    "KVGGML_LIB", "patched", "which libllama kvggml loads: the patched build or stock llama.cpp", choices=VARIANTS
+)
 REPO = Path(__file__).resolve().parent.parent
 # The symbol our first patch exports: present in the patched library only.
 KVGGML_SYMBOL = "kvggml_version_string"
@@ -63,8 +64,10 @@ def load_llama_cpp(environ: Mapping[str, str] | None = None) -> ModuleType:
     if loaded is not None:
         current = Path(loaded.llama_cpp._base_path).resolve()
         if current != choice.directory.resolve():
-            raise RuntimeError(f"llama_cpp is already loaded from {current}; one process runs one libllama "
-                               f"(asked for {choice.directory}): start a new process")
+            raise RuntimeError(
+                f"llama_cpp is already loaded from {current}; one process runs one libllama "
+                f"(asked for {choice.directory}): start a new process"
+            )
         return loaded
     os.environ["LLAMA_CPP_LIB_PATH"] = str(choice.directory)
     import llama_cpp
@@ -87,5 +90,13 @@ def kvggml_version(lib: ctypes.CDLL) -> str | None:
     return fn().decode()
 
 
-__all__ = ["LibraryChoice", "VARIANTS", "build_dir", "choose_library", "kvggml_version",
-           "library_dir", "load_llama_cpp", "loaded_library_path"]
+__all__ = [
+    "LibraryChoice",
+    "VARIANTS",
+    "build_dir",
+    "choose_library",
+    "kvggml_version",
+    "library_dir",
+    "load_llama_cpp",
+    "loaded_library_path",
+]

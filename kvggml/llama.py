@@ -7,7 +7,7 @@ otherwise), so it is imported lazily: `from kvggml import Llama`.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from kvggml import native
 from kvggml.config import CompressionConfig
@@ -19,7 +19,7 @@ llama_cpp = load_llama_cpp()
 class Compression:
     """What the context's KV cache holds, and a hook on every compressed block."""
 
-    def __init__(self, llm: "Llama"):
+    def __init__(self, llm: Llama):
         self._llm = llm
         self._callback: native.CompressCallback | None = None
 

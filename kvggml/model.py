@@ -56,8 +56,9 @@ def default_text() -> str:
 
 def silence_llama_logs(llama_cpp: ModuleType) -> None:
     """Keep llama.cpp's own log lines (model loading, graph sizes) off the terminal."""
+
     @llama_cpp.llama_log_callback
-    def drop(level, text, user_data):  # noqa: ARG001
+    def drop(level, text, user_data):
         pass
 
     silence_llama_logs.callback = drop  # the C side keeps the pointer: keep the function alive
@@ -67,9 +68,18 @@ def silence_llama_logs(llama_cpp: ModuleType) -> None:
 class Runner:
     """One model and one context, driven through llama.cpp's C API (no sampling, no chat template)."""
 
-    def __init__(self, llama_cpp: ModuleType, model_path: Path, n_ctx: int, n_batch: int = 512,
-                 type_k: int = 1, type_v: int = 1, n_threads: int | None = None, flash_attn: bool = True,
-                 n_seq_max: int = 1):
+    def __init__(
+        self,
+        llama_cpp: ModuleType,
+        model_path: Path,
+        n_ctx: int,
+        n_batch: int = 512,
+        type_k: int = 1,
+        type_v: int = 1,
+        n_threads: int | None = None,
+        flash_attn: bool = True,
+        n_seq_max: int = 1,
+    ):
         self.lib = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -85,14 +95,17 @@ class Runner:
         cparams.type_k = type_k
         cparams.type_v = type_v
         # Quantized V needs flash attention; the evaluator uses it everywhere so all rows run the same kernel.
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
-            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, type_k={type_k}, type_v={type_v})")
+            raise RuntimeError(
+                f"llama.cpp could not create a context (n_ctx={n_ctx}, type_k={type_k}, type_v={type_v})"
+            )
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
@@ -105,7 +118,7 @@ class Runner:
             self.lib.llama_model_free(self.model)
             self.ctx = None
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,12 +137,16 @@ class Runner:
             raise RuntimeError(f"tokenization needs {-n} tokens, more than the {n_max} allotted")
         return np.ctypeslib.as_array(buf)[:n].copy()
 
-    def decode(self, tokens: np.ndarray, start_pos: int, want_logits: bool = False,
-               seq_id: int = 0) -> np.ndarray | None:
-        """Feed tokens of one sequence at positions start_pos.. in micro-batches; float32 (n, n_vocab) logits when asked."""
+    def decode(
+        self, tokens: np.ndarray, start_pos: int, want_logits: bool = False, seq_id: int = 0
+    ) -> np.ndarray | None:
+        """Feed tokens of one sequence at positions start_pos.. in micro-batches.
+
+        Returns float32 (n, n_vocab) logits when asked.
+        """
         out = []
         for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
+            chunk = tokens[i : i + self.n_batch]
             b = self.batch
             b.n_tokens = len(chunk)
             for j, tok in enumerate(chunk):

@@ -8,66 +8,42 @@ straight through. With the stock library every entry point is missing and
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import ModuleType
 
 from cffi import FFI
 
 from kvggml.library import loaded_library_path
 
-# From kvggml/csrc/include/kvggml.h; tests/test_tier.py checks the structs agree.
-CDEF = """
-const char * kvggml_version_string(void);
-unsigned     kvggml_version_number(void);
-const char * kvggml_error_name(int32_t code);
-const char * kvggml_last_error(void);
+HEADER = Path(__file__).resolve().parent / "csrc" / "include" / "kvggml.h"
 
-typedef struct kvggml_stats {
-    int32_t  enabled;
-    uint32_t exact_cells;
-    uint64_t exact_bytes;
-    uint64_t compressed_bytes;
-    uint64_t compressed_tokens;
-    uint64_t blocks;
-    uint64_t encode_us;
-    uint64_t decode_us;
-} kvggml_stats;
-int32_t kvggml_get_stats(const void * ctx, kvggml_stats * out);
 
-typedef struct kvggml_segment {
-    int32_t  seq_id;
-    int32_t  p0;
-    int32_t  p1;
-    int32_t  level;
-    uint32_t n_tokens;
-    uint64_t bytes;
-} kvggml_segment;
-int64_t kvggml_get_segments(const void * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity);
-int64_t kvggml_get_bitmap(const void * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes);
+def header_cdef(text: str) -> str:
+    """kvggml.h as cffi declarations: without comments, preprocessor lines and export macros."""
+    text = re.sub(r"//[^\n]*", "", text)
+    lines = [
+        line
+        for line in text.splitlines()
+        if not line.lstrip().startswith("#") and line.strip() not in ('extern "C" {', "}")
+    ]
+    return "\n".join(lines).replace("KVGGML_API ", "")
 
-typedef struct kvggml_event {
-    int32_t  seq_id;
-    int32_t  p0;
-    int32_t  p1;
-    int32_t  level;
-    uint64_t bytes_before;
-    uint64_t bytes_after;
-} kvggml_event;
-typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
-int32_t kvggml_set_compress_callback(void * ctx, kvggml_compress_callback callback, void * user_data);
 
-typedef struct kvggml_settings {
-    uint32_t threshold;
-    uint32_t sinks;
-    uint32_t level;
-    uint32_t recent_capacity;
-    char     preset[16];
-} kvggml_settings;
-int32_t kvggml_get_settings(const void * ctx, kvggml_settings * out);
-int32_t kvggml_set_settings(void * ctx, const kvggml_settings * settings);
-"""
+def header_version(text: str) -> int:
+    """KVGGML_VERSION_NUMBER as the header defines it."""
+    part = {
+        name: int(re.search(rf"#define KVGGML_VERSION_{name}\s+(\d+)", text).group(1))
+        for name in ("MAJOR", "MINOR", "PATCH")
+    }
+    return part["MAJOR"] * 10000 + part["MINOR"] * 100 + part["PATCH"]
 
+
+# Generated from the header the library is compiled with, so the two cannot drift apart.
+HEADER_TEXT = HEADER.read_text()
+VERSION_NUMBER = header_version(HEADER_TEXT)
 ffi = FFI()
-ffi.cdef(CDEF)
+ffi.cdef(header_cdef(HEADER_TEXT))
 _lib = None
 
 
@@ -79,11 +55,16 @@ def open_library():
         if path is None:
             raise RuntimeError("load llama_cpp first (kvggml.library.load_llama_cpp)")
         lib = ffi.dlopen(str(path))
-        try:
-            lib.kvggml_version_string
-        except AttributeError:
-            raise RuntimeError(f"{path} is stock llama.cpp: kvggml's API needs the patched library "
-                               "(KVGGML_LIB=patched)") from None
+        if not hasattr(lib, "kvggml_version_string"):
+            raise RuntimeError(
+                f"{path} is stock llama.cpp: kvggml's API needs the patched library (KVGGML_LIB=patched)"
+            )
+        built = lib.kvggml_version_number()
+        if built != VERSION_NUMBER:
+            raise RuntimeError(
+                f"{path} was built from kvggml {ffi.string(lib.kvggml_version_string()).decode()} "
+                f"({built}), but this package's kvggml.h is {VERSION_NUMBER}: rebuild it with `make build`"
+            )
         _lib = lib
     return _lib
 
@@ -92,7 +73,7 @@ def _pointer(ctx):
     address = getattr(ctx, "value", ctx)
     if not address:
         raise ValueError("ctx is a null llama_context pointer")
-    return ffi.cast("void *", address)
+    return ffi.cast("struct llama_context *", address)
 
 
 def _check(rc: int, what: str) -> int:
@@ -104,8 +85,11 @@ def _check(rc: int, what: str) -> int:
 
 
 def _as_dict(record, ctype: str) -> dict:
-    return {name: ffi.string(value).decode() if field.type.kind == "array" else int(value)
-            for name, field in ffi.typeof(ctype).fields for value in [getattr(record, name)]}
+    return {
+        name: ffi.string(value).decode() if field.type.kind == "array" else int(value)
+        for name, field in ffi.typeof(ctype).fields
+        for value in [getattr(record, name)]
+    }
 
 
 def get_segments(ctx, seq_id: int = -1) -> list[dict]:
@@ -144,10 +128,12 @@ class CompressCallback:
             traceback.print_exception(exc_type, exc, tb)
 
         self._c_fn = ffi.callback("kvggml_compress_callback", self._call, onerror=report)
-        _check(open_library().kvggml_set_compress_callback(_pointer(ctx), self._c_fn, ffi.NULL),
-               "kvggml_set_compress_callback")
+        _check(
+            open_library().kvggml_set_compress_callback(_pointer(ctx), self._c_fn, ffi.NULL),
+            "kvggml_set_compress_callback",
+        )
 
-    def _call(self, event, user_data):  # noqa: ARG002
+    def _call(self, event, user_data):
         self.fn(_as_dict(event, "kvggml_event"))
 
     def close(self) -> None:

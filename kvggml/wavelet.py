@@ -71,8 +71,9 @@ def haar_inverse(c: np.ndarray, levels: int, axis: int = 0) -> np.ndarray:
 def subband_slices(block_tokens: int, levels: int) -> list[slice]:
     """Row ranges of the subbands [A_L, D_L, D_{L-1}, ..., D_1] in a Mallat-layout block."""
     if levels < 0 or block_tokens <= 0 or block_tokens % (1 << levels):
-        raise ValueError(f"block of {block_tokens} tokens is not divisible by 2**levels = {1 << max(levels, 0)} "
-                         f"(levels={levels})")
+        raise ValueError(
+            f"block of {block_tokens} tokens is not divisible by 2**levels = {1 << max(levels, 0)} (levels={levels})"
+        )
     coarsest = block_tokens >> levels
     slices = [slice(0, coarsest)]
     for level in range(levels, 0, -1):

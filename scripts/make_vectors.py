@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvggml.codecs import CODECS, HaarCodec, decode_block  # noqa: E402
+from kvggml.codecs import CODECS, HaarCodec, decode_block
 
 VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors"
 TOKENS, CHANNELS, HEAD_DIM = 16, 64, 32  # most cases: a 16-token block of 2 heads x 32
@@ -46,21 +46,57 @@ def valid_cases() -> list[tuple[str, str, HaarCodec, int, np.ndarray]]:
         ("normal", "standard normal values, default preset", haar, HEAD_DIM, normal),
         ("outlier_channel", "normal values with one channel near 300", haar, HEAD_DIM, outlier),
         ("zeros", "all zeros: every group absent", haar, HEAD_DIM, np.zeros((TOKENS, CHANNELS), np.float32)),
-        ("constant", "one value everywhere: details all zero, absent", haar, HEAD_DIM,
-         np.full((TOKENS, CHANNELS), 1.5, np.float32)),
+        (
+            "constant",
+            "one value everywhere: details all zero, absent",
+            haar,
+            HEAD_DIM,
+            np.full((TOKENS, CHANNELS), 1.5, np.float32),
+        ),
         ("ramp", "linear ramp in time per channel", haar, HEAD_DIM, ramp),
         ("f16_max", "+-65504 everywhere: scales saturate at 65504", haar, HEAD_DIM, 65504 * signs),
-        ("f16_subnormal", "f16 subnormals: subnormal scales", haar, HEAD_DIM, f16(signs * rng.uniform(0, 6e-5, signs.shape))),
-        ("smooth_threshold", "smooth channels, detail groups dropped below 0.5 x A_L level",
-         HaarCodec(group=8, threshold=0.5), HEAD_DIM, smooth(rng)),
-        ("levels1_group8", "one level, 8-channel groups, no rotation",
-         HaarCodec(levels=1, bits=(6, 3), hadamard=False, group=8), HEAD_DIM, normal[:2]),
-        ("levels0", "no transform: plain 5-bit group quantization of one token",
-         HaarCodec(levels=0, bits=(5,), hadamard=False, group=16), HEAD_DIM, normal[:1]),
-        ("dropped_subbands", "3 levels, D_3 and D_1 dropped, 16-channel rotation",
-         HaarCodec(levels=3, bits=(8, 0, 4, 0), group=16), 16, smooth(rng, 8)),
-        ("odd_sizes", "3 channels of 3 per group, 2- and 3-bit values: bitmap and value padding",
-         HaarCodec(levels=1, bits=(2, 3), hadamard=False, group=3), 3, smooth(rng, 2, 3)),
+        (
+            "f16_subnormal",
+            "f16 subnormals: subnormal scales",
+            haar,
+            HEAD_DIM,
+            f16(signs * rng.uniform(0, 6e-5, signs.shape)),
+        ),
+        (
+            "smooth_threshold",
+            "smooth channels, detail groups dropped below 0.5 x A_L level",
+            HaarCodec(group=8, threshold=0.5),
+            HEAD_DIM,
+            smooth(rng),
+        ),
+        (
+            "levels1_group8",
+            "one level, 8-channel groups, no rotation",
+            HaarCodec(levels=1, bits=(6, 3), hadamard=False, group=8),
+            HEAD_DIM,
+            normal[:2],
+        ),
+        (
+            "levels0",
+            "no transform: plain 5-bit group quantization of one token",
+            HaarCodec(levels=0, bits=(5,), hadamard=False, group=16),
+            HEAD_DIM,
+            normal[:1],
+        ),
+        (
+            "dropped_subbands",
+            "3 levels, D_3 and D_1 dropped, 16-channel rotation",
+            HaarCodec(levels=3, bits=(8, 0, 4, 0), group=16),
+            16,
+            smooth(rng, 8),
+        ),
+        (
+            "odd_sizes",
+            "3 channels of 3 per group, 2- and 3-bit values: bitmap and value padding",
+            HaarCodec(levels=1, bits=(2, 3), hadamard=False, group=3),
+            3,
+            smooth(rng, 2, 3),
+        ),
         ("heads64", "default preset on 2 heads x 64", haar, 64, f16(rng.standard_normal((TOKENS, 128)))),
     ]
     for preset in ("haar-hi", "haar-lo", "haar-noH", "haar-16"):
@@ -79,7 +115,7 @@ def invalid_cases() -> list[tuple[str, bytes, str]]:
     data_at = 10 + 1 + 2 * 2  # header, 1 bitmap byte (2 bits used), 2 scales
 
     def patch(data: bytes, offset: int, new: bytes) -> bytes:
-        return data[:offset] + new + data[offset + len(new):]
+        return data[:offset] + new + data[offset + len(new) :]
 
     def with_value(data: bytes, first_bits: int) -> bytes:
         """tiny with the first 2-bit value replaced."""
@@ -122,9 +158,10 @@ def main() -> None:
         (VECTORS / f"{name}.bin").write_bytes(encoded)
         (VECTORS / f"{name}.out.bin").write_bytes(decode_block(encoded).astype("<f4").tobytes())
         threshold = float(np.float32(codec.threshold)).hex()
-        manifest += [f"# {name}: {description}",
-                     " ".join(map(str, [name, codec.levels, codec.group, rotation, block.shape[1], threshold,
-                                        *codec.bits]))]
+        manifest += [
+            f"# {name}: {description}",
+            " ".join(map(str, [name, codec.levels, codec.group, rotation, block.shape[1], threshold, *codec.bits])),
+        ]
     (VECTORS / "manifest.txt").write_text("\n".join(manifest) + "\n")
 
     invalid = ["# file expected-word-of-the-error"]

@@ -25,12 +25,15 @@ sys.path.insert(0, str(REPO))
 
 from kvggml.library import library_dir  # noqa: E402
 from kvggml.model import default_model_path, default_text  # noqa: E402
+from kvggml.presets import PRESETS  # noqa: E402
 
-PRESETS = ("hi", "balanced", "lo")
 # label -> (library, cache type, compression preset or None)
-VARIANTS = {"stock f16": ("stock", "f16", None), "stock q8_0": ("stock", "q8_0", None),
-            "stock q4_0": ("stock", "q4_0", None),
-            **{f"kvggml {p}": ("patched", "f16", p) for p in PRESETS}}
+VARIANTS = {
+    "stock f16": ("stock", "f16", None),
+    "stock q8_0": ("stock", "q8_0", None),
+    "stock q4_0": ("stock", "q4_0", None),
+    **{f"kvggml {p}": ("patched", "f16", p) for p in PRESETS},
+}
 GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 MEMORY_PROBE = r"""
@@ -82,19 +85,34 @@ def measure_memory(args) -> list[dict]:
     for variant in args.variants:
         cache = VARIANTS[variant][1]
         fill = variant not in args.no_fill
-        print(f"[memory] {variant}: n_ctx {args.ctx}, " + (f"{args.ctx}-token prompt" if fill else "no prompt"),
-              file=sys.stderr, flush=True)
-        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache]),
-                              "1" if fill else "0"], env=variant_env(variant), capture_output=True, text=True, cwd=REPO)
+        print(
+            f"[memory] {variant}: n_ctx {args.ctx}, " + (f"{args.ctx}-token prompt" if fill else "no prompt"),
+            file=sys.stderr,
+            flush=True,
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache]), "1" if fill else "0"],
+            env=variant_env(variant),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         if res.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{res.stderr}")
         probe = json.loads(res.stdout.strip().splitlines()[-1])
         stats = probe["stats"]
         # kvggml: its exact cells + compressed blocks; stock: the cells it allocated for n_ctx
         kv_mib = (stats["exact_bytes"] + stats["compressed_bytes"]) / 2**20 if stats else probe["allocated_mib"]
-        rows.append({"variant": variant, "kv_mib": kv_mib, "allocated_f16_cells_mib": probe["allocated_mib"],
-                     "peak_rss_mib": probe["peak_rss_mib"] if fill else None, "prefill_s": probe["prefill_s"],
-                     "stats": stats})
+        rows.append(
+            {
+                "variant": variant,
+                "kv_mib": kv_mib,
+                "allocated_f16_cells_mib": probe["allocated_mib"],
+                "peak_rss_mib": probe["peak_rss_mib"] if fill else None,
+                "prefill_s": probe["prefill_s"],
+                "stats": stats,
+            }
+        )
     base = rows[0]["kv_mib"]
     for r in rows:
         r["kv_vs_first"] = r["kv_mib"] / base
@@ -102,8 +120,25 @@ def measure_memory(args) -> list[dict]:
 
 
 def run_perplexity(variant: str, args, extra: list[str]) -> str:
-    cmd = [tool(variant, "llama-perplexity"), "-m", str(args.model), "-f", str(args.text_file), "-c", str(args.ctx),
-           "-b", "512", "-ub", "512", "--chunks", str(args.chunks), "-t", str(args.threads), *cache_flags(variant), *extra]
+    cmd = [
+        tool(variant, "llama-perplexity"),
+        "-m",
+        str(args.model),
+        "-f",
+        str(args.text_file),
+        "-c",
+        str(args.ctx),
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "--chunks",
+        str(args.chunks),
+        "-t",
+        str(args.threads),
+        *cache_flags(variant),
+        *extra,
+    ]
     res = subprocess.run(cmd, env=variant_env(variant), capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -119,8 +154,12 @@ def measure_quality(args) -> list[dict]:
         print(f"[quality] {variant}", file=sys.stderr, flush=True)
         out = run_perplexity(variant, args, ["--kl-divergence-base", str(base), "--kl-divergence"])
         row = {"variant": variant}
-        for key, pattern in {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "kld_mean": r"Mean\s+KLD:\s*([-\d.]+)",
-                             "kld_p99": r"99\.0%\s+KLD:\s*([-\d.]+)", "same_top_p": r"Same top p:\s*([\d.]+)"}.items():
+        for key, pattern in {
+            "ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
+            "kld_mean": r"Mean\s+KLD:\s*([-\d.]+)",
+            "kld_p99": r"99\.0%\s+KLD:\s*([-\d.]+)",
+            "same_top_p": r"Same top p:\s*([\d.]+)",
+        }.items():
             m = re.search(pattern, out)
             row[key] = float(m.group(1)) if m else None
         rows.append(row)
@@ -131,8 +170,24 @@ def measure_speed(args) -> list[dict]:
     rows = []
     for variant in args.variants:
         print(f"[speed] {variant}", file=sys.stderr, flush=True)
-        cmd = [tool(variant, "llama-bench"), "-m", str(args.model), "-p", "512", "-n", "32", "-d", args.depths,
-               "-r", "1", "-t", str(args.threads), "-o", "json", *cache_flags(variant)]
+        cmd = [
+            tool(variant, "llama-bench"),
+            "-m",
+            str(args.model),
+            "-p",
+            "512",
+            "-n",
+            "32",
+            "-d",
+            args.depths,
+            "-r",
+            "1",
+            "-t",
+            str(args.threads),
+            "-o",
+            "json",
+            *cache_flags(variant),
+        ]
         res = subprocess.run(cmd, env=variant_env(variant), capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -175,8 +230,9 @@ def main() -> int:
     args.text_file = args.out / "text.txt"
     args.text_file.write_text(default_text())
     rows = {"memory": measure_memory, "quality": measure_quality, "speed": measure_speed}[args.what](args)
-    (args.out / f"tier-{args.what}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                                 "rows": rows}, indent=2) + "\n")
+    (args.out / f"tier-{args.what}.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n"
+    )
     print_table(rows)
     return 0
 

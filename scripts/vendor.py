@@ -55,7 +55,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 NO_AMX_FLAGS = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"] if X86 else []
 TARGETS = ["llama", "llama-perplexity", "llama-bench"]
 CMAKE_OPTIONS = [
-    "-G", "Ninja",
+    "-G",
+    "Ninja",
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",
     "-DGGML_NATIVE=ON",
@@ -85,9 +86,14 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, quiet: bool = False) -> str:
     # Output not captured goes to stderr: stdout carries only what `fetch` prints.
-    res = subprocess.run(cmd, cwd=cwd, env=env, text=True,
-                         stdout=subprocess.PIPE if quiet else sys.stderr,
-                         stderr=subprocess.STDOUT if quiet else None)
+    res = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE if quiet else sys.stderr,
+        stderr=subprocess.STDOUT if quiet else None,
+    )
     if res.returncode != 0:
         detail = f"\n{res.stdout}" if quiet and res.stdout else ""
         raise VendorError(f"command failed ({res.returncode}): {' '.join(cmd)}{detail}")
@@ -122,13 +128,28 @@ def fetch_sdist() -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         log(f"downloading {lock['package']}=={lock['version']} (sdist) with pip")
         # --no-binary for this package only: its build dependencies may still come as wheels.
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", lock["package"],
-             "--dest", str(CACHE), f"{lock['package']}=={lock['version']}"], quiet=True)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                lock["package"],
+                "--dest",
+                str(CACHE),
+                f"{lock['package']}=={lock['version']}",
+            ],
+            quiet=True,
+        )
     digest = sha256_of(path)
     if digest != lock["sha256"]:
         path.unlink()
-        raise VendorError(f"{path.name}: sha256 {digest} does not match the lock ({lock['sha256']}); "
-                          "the file was removed, run again to download it afresh")
+        raise VendorError(
+            f"{path.name}: sha256 {digest} does not match the lock ({lock['sha256']}); "
+            "the file was removed, run again to download it afresh"
+        )
     return path
 
 
@@ -186,20 +207,26 @@ def cmd_apply_patches() -> None:
     want = series_digest()
     head = git("rev-parse", "HEAD").strip()
     if git("status", "--porcelain", "--untracked-files=no").strip():
-        raise VendorError(f"{PATCHED_SRC} has uncommitted changes: commit them and run "
-                          f"`make format-patches`, or discard them (git -C {PATCHED_SRC} checkout .)")
+        raise VendorError(
+            f"{PATCHED_SRC} has uncommitted changes: commit them and run "
+            f"`make format-patches`, or discard them (git -C {PATCHED_SRC} checkout .)"
+        )
     if stamp.exists():
         recorded_series, recorded_head = stamp.read_text().split()
         if recorded_series == want and recorded_head == head:
             log(f"patches up to date ({len(patch_files())} applied)")
             return
         if recorded_head != head:
-            raise VendorError(f"{PATCHED_SRC} has commits that are not in {PATCHES}: "
-                              "run `make format-patches` to keep them, or "
-                              f"`git -C {PATCHED_SRC} reset --hard {BASE_TAG}` to drop them")
+            raise VendorError(
+                f"{PATCHED_SRC} has commits that are not in {PATCHES}: "
+                "run `make format-patches` to keep them, or "
+                f"`git -C {PATCHED_SRC} reset --hard {BASE_TAG}` to drop them"
+            )
     elif head != git("rev-parse", BASE_TAG).strip():
-        raise VendorError(f"{PATCHED_SRC} holds an unrecorded series (did a patch fail to apply?): finish it and run "
-                          f"`make format-patches`, or start over with `git -C {PATCHED_SRC} reset --hard {BASE_TAG}`")
+        raise VendorError(
+            f"{PATCHED_SRC} holds an unrecorded series (did a patch fail to apply?): finish it and run "
+            f"`make format-patches`, or start over with `git -C {PATCHED_SRC} reset --hard {BASE_TAG}`"
+        )
     stamp.unlink(missing_ok=True)
     git("checkout", "-q", "-B", BRANCH, BASE_TAG)
     for patch in patch_files():
@@ -213,7 +240,8 @@ def cmd_apply_patches() -> None:
                 f"  1. git -C {PATCHED_SRC} am -3 {patch}\n"
                 "  2. resolve the conflicts, git add, git am --continue\n"
                 "  3. apply the remaining patches the same way, then `make format-patches`\n"
-                f"{err}") from None
+                f"{err}"
+            ) from None
         log(f"applied {patch.name}")
     stamp.write_text(f"{want} {git('rev-parse', 'HEAD').strip()}\n")
 
@@ -226,10 +254,18 @@ def cmd_format_patches() -> None:
     for old in patch_files():
         old.unlink()
     # Stable bytes: no commit ids, numbers, signature or diffstat that would change on every export.
-    git("format-patch", "-q", "--zero-commit", "--no-numbered", "--no-signature", "--no-stat",
-        "--output-directory", str(PATCHES), f"{BASE_TAG}..HEAD")
-    (PATCHED_SRC / ".git" / SERIES_STAMP).write_text(
-        f"{series_digest()} {git('rev-parse', 'HEAD').strip()}\n")
+    git(
+        "format-patch",
+        "-q",
+        "--zero-commit",
+        "--no-numbered",
+        "--no-signature",
+        "--no-stat",
+        "--output-directory",
+        str(PATCHES),
+        f"{BASE_TAG}..HEAD",
+    )
+    (PATCHED_SRC / ".git" / SERIES_STAMP).write_text(f"{series_digest()} {git('rev-parse', 'HEAD').strip()}\n")
     for p in patch_files():
         log(f"wrote patches/{p.name}")
 
@@ -240,7 +276,9 @@ def compiler_identity(env: dict) -> dict:
     for var, default in (("CC", "cc"), ("CXX", "c++")):
         name = env.get(var, default).split()[0]
         path = shutil.which(name, path=env.get("PATH"))
-        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1] if path else []
+        version = (
+            subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[:1] if path else []
+        )
         identity[var] = {"path": str(Path(path).resolve()) if path else name, "version": version[0] if version else ""}
     return identity
 
@@ -251,8 +289,9 @@ def configure(src: Path, out: Path, options: list[str], env: dict) -> bool:
     A changed identity starts from an empty cache: CMake keeps cached values that the new options
     no longer set, and a compiler can only be chosen on a tree's first configure.
     """
-    identity = json.dumps({"source": str(src), "options": options, "compilers": compiler_identity(env)},
-                          indent=1, sort_keys=True)
+    identity = json.dumps(
+        {"source": str(src), "options": options, "compilers": compiler_identity(env)}, indent=1, sort_keys=True
+    )
     stamp = out / CONFIGURE_STAMP
     if (out / "CMakeCache.txt").exists() and stamp.exists() and stamp.read_text() == identity:
         return False

@@ -1,14 +1,64 @@
-"""Shared fixtures: the real default model, on the stock library, in this process.
+"""Shared fixtures and helpers: the real default model, and the processes tests start.
 
-One process can load one libllama; tests that need the patched library, or both,
-start their own processes (see test_library.py).
+One process can load one libllama. The pytest process holds the stock library (the
+`llama_cpp` fixture); tests that need the patched library, or their own environment, run a
+program of tests/scripts/ in a process of their own (`run_script`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def child_env(lib: str = "patched", **variables: str) -> dict[str, str]:
+    """A child process's environment: this one's, less any compression setting or library path
+    the shell had, with KVGGML_LIB=lib and the given variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    return {**env, "KVGGML_LIB": lib, **variables}
+
+
+def run_script(
+    name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """tests/scripts/<name>.py with args, in child_env() unless env is given."""
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{name}.py"), *args],
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def last_json(res: subprocess.CompletedProcess) -> dict:
+    """The JSON report a script prints as its last line."""
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`kvggml ARGS` in a process of its own, in child_env() unless env is given."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvggml.cli", *args],
+        env=env or child_env(),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

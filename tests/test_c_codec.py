@@ -8,14 +8,13 @@ The checks take a loaded library (`bind(path)`), so any build of the C API can b
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script
 
 from kvggml.codecs import HaarCodec, decode_block
 from kvggml.library import library_dir
@@ -26,8 +25,13 @@ STRIDE_PAD = 5  # extra f16 elements between rows, to exercise the row stride
 
 
 class Params(ctypes.Structure):
-    _fields_ = [("levels", ctypes.c_int32), ("group", ctypes.c_int32), ("rotation", ctypes.c_int32),
-                ("threshold", ctypes.c_float), ("bits", ctypes.c_uint8 * 9)]
+    _fields_ = [
+        ("levels", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("rotation", ctypes.c_int32),
+        ("threshold", ctypes.c_float),
+        ("bits", ctypes.c_uint8 * 9),
+    ]
 
 
 def bind(path: str) -> ctypes.CDLL:
@@ -92,11 +96,12 @@ def decode_f16(lib, data: bytes, channels: int, tokens_max: int = 256) -> tuple[
     sentinel = 0x7E01  # a NaN pattern the decoder never writes
     out = np.full((tokens_max, channels + STRIDE_PAD), sentinel, np.uint16)
     tokens = ctypes.c_int32(0)
-    rc = lib.kvggml_codec_decode_block_f16(data, len(data), channels, out.ctypes.data, out.shape[1], out.size,
-                                           ctypes.byref(tokens))
+    rc = lib.kvggml_codec_decode_block_f16(
+        data, len(data), channels, out.ctypes.data, out.shape[1], out.size, ctypes.byref(tokens)
+    )
     if rc != 0:
         return rc, None
-    assert np.all(out[:, channels:] == sentinel) and np.all(out[tokens.value:] == sentinel), "wrote outside the rows"
+    assert np.all(out[:, channels:] == sentinel) and np.all(out[tokens.value :] == sentinel), "wrote outside the rows"
     return rc, out[: tokens.value, :channels]
 
 
@@ -157,8 +162,9 @@ def pack_block(levels: int, group: int, bits, scales: np.ndarray, q: np.ndarray)
     bitmap = np.packbits(np.ones(n_groups, np.uint8), bitorder="little").tobytes()
     # rows in Mallat order: row r belongs to the subband k with first_row(k) <= r
     widths = [bits[0]] + [bits[k] for k in range(1, levels + 1) for _ in range(1 << (k - 1))]
-    stream = np.concatenate([((q[r].astype(np.int64)[:, None] >> np.arange(b)) & 1).ravel()
-                             for r, b in enumerate(widths)]).astype(np.uint8)
+    stream = np.concatenate(
+        [((q[r].astype(np.int64)[:, None] >> np.arange(b)) & 1).ravel() for r, b in enumerate(widths)]
+    ).astype(np.uint8)
     values = np.packbits(stream, bitorder="little").tobytes()
     return header + bitmap + scales.astype("<u2").tobytes() + values
 
@@ -170,10 +176,25 @@ def standalone_path(request, tmp_path_factory) -> str:
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: cannot build the codec library")
     out = tmp_path_factory.mktemp("codec") / "libkvggml_codec.so"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
-                    *request.param,
-                    "-I", str(REPO / "kvggml/csrc/include"), "-I", str(REPO / "kvggml/csrc"),
-                    str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(out)], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-std=c++17",
+            "-O2",
+            "-ffp-contract=off",
+            "-fPIC",
+            "-shared",
+            *request.param,
+            "-I",
+            str(REPO / "kvggml/csrc/include"),
+            "-I",
+            str(REPO / "kvggml/csrc"),
+            str(REPO / "kvggml/csrc/codec.cpp"),
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
     return str(out)
 
 
@@ -262,11 +283,7 @@ def test_api_contract(codec_lib):
 
 def test_the_patched_library_carries_the_same_codec():
     path = library_dir("patched") / "libllama.so"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_c_codec as t; lib = t.bind(sys.argv[2]); "
-            "print(t.check_vectors(lib), t.check_invalid(lib))")
-    res = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), str(path)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_script("codec_in_library", str(path), timeout=300)
     vectors, invalid = map(int, res.stdout.split())
     assert vectors >= 15 and invalid >= 20
 
@@ -275,9 +292,23 @@ def test_the_codec_benchmark_builds_runs_and_refuses_bad_arguments(tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: cannot build the benchmark")
     exe = tmp_path / "bench_codec"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-I", str(REPO / "kvggml/csrc"),
-                    "-I", str(REPO / "kvggml/csrc/include"), str(REPO / "scripts/bench_codec.cpp"),
-                    str(REPO / "kvggml/csrc/codec.cpp"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-std=c++17",
+            "-O2",
+            "-ffp-contract=off",
+            "-I",
+            str(REPO / "kvggml/csrc"),
+            "-I",
+            str(REPO / "kvggml/csrc/include"),
+            str(REPO / "scripts/bench_codec.cpp"),
+            str(REPO / "kvggml/csrc/codec.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     for rotation in ("1", "64"):
         res = subprocess.run([str(exe), rotation, "1"], capture_output=True, text=True)
         assert res.returncode == 0 and f"rotation {rotation}: " in res.stdout and "ns per decoded element" in res.stdout

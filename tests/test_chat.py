@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
+
+from conftest import child_env, run_cli
 
 TURNS = "Hello! Who are you?\nWrite two sentences about the sea.\nNow two about mountains.\n"
 
 
 def chat(extra_env: dict, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-    env.pop("LLAMA_CPP_LIB_PATH", None)
-    env.update({"KVGGML_LIB": "patched", **extra_env})
-    return subprocess.run([sys.executable, "-m", "kvggml.cli", "chat", "--max-tokens", "40", "--temperature", "0",
-                           "--threads", "2", *args], input=TURNS, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(
+        "chat",
+        "--max-tokens",
+        "40",
+        "--temperature",
+        "0",
+        "--threads",
+        "2",
+        *args,
+        env=child_env(**extra_env),
+        input=TURNS,
+    )
 
 
 def test_multi_turn_chat_compresses_past_the_threshold_and_shows_it():
@@ -24,8 +31,10 @@ def test_multi_turn_chat_compresses_past_the_threshold_and_shows_it():
     assert "compression on (balanced)" in res.stdout
     replies = re.findall(r"assistant> (.+)", res.stdout)
     assert len(replies) == 3 and all(len(r.split()) >= 3 for r in replies)
-    status = [(int(a), int(b), int(c)) for a, b, c in
-              re.findall(r"\[(\d+) tokens in context .* (\d+) tokens in (\d+) compressed blocks\]", res.stdout)]
+    status = [
+        (int(a), int(b), int(c))
+        for a, b, c in re.findall(r"\[(\d+) tokens in context .* (\d+) tokens in (\d+) compressed blocks\]", res.stdout)
+    ]
     assert len(status) == 3
     # the context grows turn after turn (prefix reuse keeps it), and so does the compressed part
     assert status[0][0] < status[1][0] < status[2][0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvggml.codecs import CODECS, HaarCodec, Kivi, Pooling, Q4_0, Q8_0, decode_block, hadamard_rotate, parse_codec
+from kvggml.codecs import CODECS, Q4_0, Q8_0, HaarCodec, Kivi, Pooling, decode_block, hadamard_rotate, parse_codec
 
 pytestmark = pytest.mark.fast
 
@@ -37,18 +37,30 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    return (
+        a.shape == b.shape and a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    )
 
 
 # --- golden vectors ---------------------------------------------------------------------------
+
 
 def manifest_cases() -> list[tuple]:
     cases = []
     for line in (VECTORS / "manifest.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, levels, group, rotation, channels, threshold, *bits = line.split()
-            cases.append((name, int(levels), int(group), int(rotation), int(channels),
-                          float.fromhex(threshold), tuple(map(int, bits))))
+            cases.append(
+                (
+                    name,
+                    int(levels),
+                    int(group),
+                    int(rotation),
+                    int(channels),
+                    float.fromhex(threshold),
+                    tuple(map(int, bits)),
+                )
+            )
     return cases
 
 
@@ -175,6 +187,7 @@ def test_hadamard_is_the_normalised_sylvester_matrix():
 
 # --- the evaluator's interface ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(CODECS))
 def test_registered_codec_interface(name):
     codec = CODECS[name]
@@ -238,22 +251,25 @@ def test_kivi_and_pooling():
     assert np.allclose(out[0], x[:4].mean(axis=0), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("nope", "unknown codec"),
-    ("haar:levels=9,bits=8.8.8.8.8.8.8.8.8.8", "levels=9 is out of range: allowed 0 to 8"),
-    ("haar:bits=8.6.5", "bits=8.6.5 is out of range: allowed exactly levels\\+1 = 5"),
-    ("haar:bits=8.6.5.1.3", "widths 0 \\(subband dropped\\) or 2 to 16"),
-    ("haar:group=0", "group=0 is out of range"),
-    ("haar:threshold=-1", "threshold=-1.0 is out of range"),
-    ("haar:threshold=nan", "threshold='nan' is not valid"),
-    ("haar:hadamard=2", "hadamard='2' is not valid"),
-    ("haar:levels=x", "levels='x' is not valid"),
-    ("haar:colour=1", "unknown field 'colour': haar takes levels, bits, hadamard, group, threshold"),
-    ("haar:levels=2,levels=3", "given twice"),
-    ("kivi:bits=1", "bits=1 is out of range: allowed 2 to 8"),
-    ("pool:levels=0", "levels=0 is out of range"),
-    ("f16:bits=3", "f16 takes no fields"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nope", "unknown codec"),
+        ("haar:levels=9,bits=8.8.8.8.8.8.8.8.8.8", "levels=9 is out of range: allowed 0 to 8"),
+        ("haar:bits=8.6.5", "bits=8.6.5 is out of range: allowed exactly levels\\+1 = 5"),
+        ("haar:bits=8.6.5.1.3", "widths 0 \\(subband dropped\\) or 2 to 16"),
+        ("haar:group=0", "group=0 is out of range"),
+        ("haar:threshold=-1", "threshold=-1.0 is out of range"),
+        ("haar:threshold=nan", "threshold='nan' is not valid"),
+        ("haar:hadamard=2", "hadamard='2' is not valid"),
+        ("haar:levels=x", "levels='x' is not valid"),
+        ("haar:colour=1", "unknown field 'colour': haar takes levels, bits, hadamard, group, threshold"),
+        ("haar:levels=2,levels=3", "given twice"),
+        ("kivi:bits=1", "bits=1 is out of range: allowed 2 to 8"),
+        ("pool:levels=0", "levels=0 is out of range"),
+        ("f16:bits=3", "f16 takes no fields"),
+    ],
+)
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_codec(spec)

@@ -17,9 +17,14 @@ def test_defaults_when_unset():
 
 
 def test_values_are_parsed():
-    env = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_THRESHOLD": "1024",
-           "OLLAMA_KV_COMPRESSION_LEVEL": " 3 ", "OLLAMA_KV_COMPRESSION_PRESET": "lo",
-           "OLLAMA_KV_COMPRESSION_SINKS": "0", "OLLAMA_KV_COMPRESSION_HADAMARD": "0"}
+    env = {
+        "OLLAMA_KV_COMPRESSION": "1",
+        "OLLAMA_KV_COMPRESSION_THRESHOLD": "1024",
+        "OLLAMA_KV_COMPRESSION_LEVEL": " 3 ",
+        "OLLAMA_KV_COMPRESSION_PRESET": "lo",
+        "OLLAMA_KV_COMPRESSION_SINKS": "0",
+        "OLLAMA_KV_COMPRESSION_HADAMARD": "0",
+    }
     config = CompressionConfig.from_env(env)
     assert config == CompressionConfig(True, 1024, 3, "lo", 0, False)
     assert CompressionConfig.from_env(config.to_env()) == config

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import platform
 
 import pytest
+from conftest import child_env, run_cli
 
 from kvggml.evaluate import Row, evaluate
 from kvggml.kvstate import KVState
@@ -18,7 +17,9 @@ SMALL = dict(n_prefill=384, n_score=96, window=128, sinks=4, n_threads=2)
 
 @pytest.fixture(scope="module")
 def report(llama_cpp, model_path, text):
-    rows = [Row.parse(s) for s in ["identity", "f16", "haar-16", "haar", "haar-lo", "evict", "stock:q8_0", "stock:q4_0"]]
+    rows = [
+        Row.parse(s) for s in ["identity", "f16", "haar-16", "haar", "haar-lo", "evict", "stock:q8_0", "stock:q4_0"]
+    ]
     return {r["label"]: r for r in evaluate(llama_cpp, model_path, text, rows, **SMALL)["rows"]}
 
 
@@ -69,10 +70,23 @@ def test_sliding_window_model_compresses_its_full_attention_cache(llama_cpp, tex
 
 
 def test_cli_writes_table_json_and_plot(tmp_path):
-    env = {**os.environ, "KVGGML_LIB": "stock"}
-    res = subprocess.run([sys.executable, "-m", "kvggml.cli", "eval", "-n", "256", "-m", "64", "--window", "64",
-                          "--threads", "2", "--rows", "identity", "haar", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(
+        "eval",
+        "-n",
+        "256",
+        "-m",
+        "64",
+        "--window",
+        "64",
+        "--threads",
+        "2",
+        "--rows",
+        "identity",
+        "haar",
+        "--out",
+        str(tmp_path),
+        env=child_env("stock"),
+    )
     assert res.returncode == 0, res.stderr
     assert "| identity | " in res.stdout and "| haar | " in res.stdout
     data = json.loads((tmp_path / "eval-SmolLM2-135M-Instruct.Q4_1-N256.json").read_text())
@@ -82,8 +96,25 @@ def test_cli_writes_table_json_and_plot(tmp_path):
 
 
 def test_cli_rejects_bad_environment():
-    env = {**os.environ, "OLLAMA_KV_COMPRESSION_THRESHOLD": "lots"}
-    res = subprocess.run([sys.executable, "-m", "kvggml.cli", "eval"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    res = run_cli("eval", env=child_env("stock", OLLAMA_KV_COMPRESSION_THRESHOLD="lots"), timeout=60)
     assert res.returncode == 2
-    assert "OLLAMA_KV_COMPRESSION_THRESHOLD='lots' is not an integer: expected an integer from 0 to 16777216" in res.stderr
+    assert (
+        "OLLAMA_KV_COMPRESSION_THRESHOLD='lots' is not an integer: expected an integer from 0 to 16777216" in res.stderr
+    )
+
+
+@pytest.mark.parametrize("lib", ["stock", "patched"])
+def test_info_names_the_cpu_features_of_the_build_and_the_codec(lib):
+    res = run_cli("info", "--json", env=child_env(lib), timeout=120)
+    assert res.returncode == 0, res.stderr
+    cpu = json.loads(res.stdout)["cpu"]
+    assert cpu["host"]["model"] and "SSE3" in cpu["build_features"]
+    assert not any(f.startswith("AMX") for f in cpu["build_features"])  # built without AMX kernels
+    if platform.machine() == "x86_64":
+        assert "-mno-amx-int8" in cpu["build_c_flags"]
+    if lib == "stock":
+        assert cpu["codec_kernels"] is None
+    elif {"avx2", "f16c"} <= set(cpu["host"]["flags"]):
+        assert cpu["codec_kernels"] == "avx2 f16c"
+    else:
+        assert cpu["codec_kernels"] in ("avx2", "f16c", "portable")

@@ -1,6 +1,6 @@
 """Every llama.cpp memory operation with compression on, on the default model and Gemma 3.
 
-Each scenario (tests/memory_ops.py) runs in a process of its own on the patched library and
+Each scenario (tests/scripts/memory_ops.py) runs in a process of its own on the patched library and
 does the same operations on a compressed and on an exact context. Compression costs some
 quality, so the two are compared against the loss of plain reading (`read`): an operation
 done wrong (removed tokens still seen, moved keys not re-rotated, a block half copied)
@@ -9,25 +9,14 @@ multiplies the divergence rather than adding a little to it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from scipy.special import log_softmax
+from conftest import child_env, last_json, run_script
 
-SCRIPT = Path(__file__).with_name("memory_ops.py")
+from kvggml.metrics import mean_kld as kld
+
 WINDOW, READ, B = 256, 1500, 16
 COMPRESSED_AFTER_READ = (READ - 4 - WINDOW) // B * B  # whole blocks between the 4 sinks and the window
-
-
-def kld(reference: np.ndarray, other: np.ndarray) -> float:
-    p = log_softmax(reference.astype(np.float64), axis=-1)
-    q = log_softmax(other.astype(np.float64), axis=-1)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def top1(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,14 +30,10 @@ def scenario(tmp_path_factory, name: str, model: str = "smollm2") -> tuple[dict,
     """(report, logits, stderr) of one scenario, run once per session."""
     if (name, model) not in _cache:
         out = tmp_path_factory.mktemp(name) / "logits.npz"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-        env.pop("LLAMA_CPP_LIB_PATH", None)
-        env.update({"KVGGML_LIB": "patched", "OLLAMA_KV_COMPRESSION_THRESHOLD": str(WINDOW)})
-        res = subprocess.run([sys.executable, str(SCRIPT), name, model, str(out)], env=env, capture_output=True,
-                             text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        logits = dict(np.load(out))
-        _cache[name, model] = (json.loads(res.stdout.strip().splitlines()[-1]), logits, res.stderr)
+        res = run_script(
+            "memory_ops", name, model, str(out), env=child_env(OLLAMA_KV_COMPRESSION_THRESHOLD=str(WINDOW)), timeout=900
+        )
+        _cache[name, model] = (last_json(res), dict(np.load(out)), res.stderr)
     return _cache[name, model]
 
 
@@ -128,17 +113,25 @@ def test_a_damaged_state_fails_to_load_and_the_context_goes_on(tmp_path_factory)
     log = stderr.split("--- loading the truncated state")[1]
     assert "unexpectedly reached end of buffer" in log.split("--- loading the flipped state")[0]
     assert "kvggml: the saved compressed blocks are corrupt (checksum mismatch)" in log
-    assert ("kvggml: this state was saved without OLLAMA_KV_COMPRESSION; this context keeps K/V Hadamard-rotated"
-            in log.split("--- loading the exact state")[1])
-    assert ("kvggml: this state holds compressed KV blocks; load it into a context created with "
-            "OLLAMA_KV_COMPRESSION=1") in log.split("--- loading into a context without compression")[1]
+    assert (
+        "kvggml: this state was saved without OLLAMA_KV_COMPRESSION; this context keeps K/V Hadamard-rotated"
+        in log.split("--- loading the exact state")[1]
+    )
+    assert (
+        "kvggml: this state holds compressed KV blocks; load it into a context created with OLLAMA_KV_COMPRESSION=1"
+    ) in log.split("--- loading into a context without compression")[1]
     assert np.array_equal(logits["original"], logits["reloaded"])
 
 
 def test_settings_change_while_the_context_runs(tmp_path_factory):
     report, _, _ = scenario(tmp_path_factory, "settings")
-    assert report["initial"] == {"threshold": WINDOW, "sinks": 4, "level": 4, "recent_capacity": WINDOW + 4,
-                                 "preset": "balanced"}
+    assert report["initial"] == {
+        "threshold": WINDOW,
+        "sinks": 4,
+        "level": 4,
+        "recent_capacity": WINDOW + 4,
+        "preset": "balanced",
+    }
     assert report["set"] == {**report["initial"], "threshold": 128, "preset": "hi"}
     # the next decode compresses down to the new window, and the new blocks use the hi widths
     assert report["before"]["compressed_tokens"] == (600 - 4 - WINDOW) // B * B
@@ -148,11 +141,11 @@ def test_settings_change_while_the_context_runs(tmp_path_factory):
     assert min(sizes[n_old:]) > 1.3 * max(sizes[:n_old])
     assert report["errors"] == {
         '{"threshold": 1000000}': "threshold + sinks = 1000004 is out of range: this context's cache was sized for "
-                                  "at most 260 (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it "
-                                  "was created)",
+        "at most 260 (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it "
+        "was created)",
         '{"preset": "max"}': "preset 'max' is not allowed: expected one of hi, balanced, lo",
         '{"level": 3}': "level 3 cannot change: it is fixed at 4 when the context is created "
-                        "(OLLAMA_KV_COMPRESSION_LEVEL)",
+        "(OLLAMA_KV_COMPRESSION_LEVEL)",
         '{"window": 3}': "no setting window: the settings are threshold, sinks, level, recent_capacity, preset",
     }
     assert report["unchanged"] == report["set"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,15 +11,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import child_env
 
 THRESHOLD, SINKS, BLOCK = 32, 4, 16  # the window the server runs with, the default sinks and block size
-
-
-def server_env(extra_env: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-    env.pop("LLAMA_CPP_LIB_PATH", None)
-    env.update({"KVGGML_LIB": "patched", **extra_env})
-    return env
 
 
 def free_port() -> int:
@@ -42,9 +35,12 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--threads", "2",
-                                 "--ctx", "2048"], env=server_env({"OLLAMA_KV_COMPRESSION_THRESHOLD": str(THRESHOLD)}),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--threads", "2", "--ctx", "2048"],
+            env=child_env(OLLAMA_KV_COMPRESSION_THRESHOLD=str(THRESHOLD)),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -73,8 +69,13 @@ def chat(url: str, messages: list[dict]) -> dict:
 
 
 def test_multi_turn_chat_completions_compress_the_cache(server):
-    messages = [{"role": "user", "content": "Write two sentences about the sea, and say why so many people "
-                                            "love to spend their holidays on its shores."}]
+    messages = [
+        {
+            "role": "user",
+            "content": "Write two sentences about the sea, and say why so many people "
+            "love to spend their holidays on its shores.",
+        }
+    ]
     first = chat(server, messages)
     reply = first["choices"][0]["message"]
     assert reply["role"] == "assistant" and len(reply["content"].split()) >= 3
@@ -95,8 +96,12 @@ def test_multi_turn_chat_completions_compress_the_cache(server):
 
 
 def test_serve_reports_a_bad_variable_before_loading():
-    res = subprocess.run([sys.executable, "-m", "kvggml.cli", "serve", "--port", str(free_port())],
-                         env=server_env({"OLLAMA_KV_COMPRESSION_PRESET": "best"}), capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(free_port())],
+        env=child_env(OLLAMA_KV_COMPRESSION_PRESET="best"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "kvggml serve: error: OLLAMA_KV_COMPRESSION_PRESET='best'" in res.stderr

@@ -1,45 +1,38 @@
 """The compressed tier inside the patched llama.cpp, on the default model.
 
-Each run is its own process (tests/probe.py): stock and patched libllama cannot share one.
+Each run is its own process (tests/scripts/probe.py): stock and patched libllama cannot share one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.special import log_softmax
+from conftest import child_env, last_json, run_script
 
-PROBE = Path(__file__).with_name("probe.py")
+from kvggml.metrics import mean_kld
+
 # Small but real: 1536 tokens with a 256-token window crosses the threshold many times.
 N_CTX, TOKENS, LAST, WINDOW = 4096, 1536, 64, 256
 
 
 def probe(tmp_path: Path, lib: str, compression: dict | None = None, **args) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-    env.pop("LLAMA_CPP_LIB_PATH", None)
-    env["KVGGML_LIB"] = lib
-    env.update(compression or {})
-    params = {"n_ctx": N_CTX, "tokens": TOKENS, "logits_last": LAST, "out": str(tmp_path / f"{lib}-{len(os.listdir(tmp_path))}.npy"), **args}
-    res = subprocess.run([sys.executable, str(PROBE), json.dumps(params)], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    params = {
+        "n_ctx": N_CTX,
+        "tokens": TOKENS,
+        "logits_last": LAST,
+        "out": str(tmp_path / f"{lib}-{len(os.listdir(tmp_path))}.npy"),
+        **args,
+    }
+    res = run_script("probe", json.dumps(params), env=child_env(lib, **(compression or {})), timeout=900)
+    report = last_json(res)
     report["stderr"] = res.stderr
     if "error" not in report and params["logits_last"]:
         report["logits"] = np.load(params["out"])
     return report
-
-
-def mean_kld(reference: np.ndarray, other: np.ndarray) -> float:
-    p = log_softmax(reference.astype(np.float64), axis=-1)
-    q = log_softmax(other.astype(np.float64), axis=-1)
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 ON = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_THRESHOLD": str(WINDOW)}
@@ -81,7 +74,9 @@ def test_memory_accounting_shows_the_saving(runs):
     total = stats["exact_bytes"] + stats["compressed_bytes"]
     # stock allocates f16 cells for all of n_ctx; the tier allocates 1024 cells plus what it holds
     assert total < 0.4 * f16_bytes_for_n_ctx
-    bits = 8 * stats["compressed_bytes"] / (stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"] / 2)
+    bits = (
+        8 * stats["compressed_bytes"] / (stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"] / 2)
+    )
     assert 3.3 < bits < 3.8  # the balanced preset's 3.55 bits per element
 
 
@@ -113,19 +108,43 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
     args = dict(n_ctx=n_prefill + n_score, n_batch=n_prefill, tokens=n_prefill + n_score, logits_last=n_score)
     stock = probe(tmp_path, "stock", **args)
     native = probe(tmp_path, "patched", {"OLLAMA_KV_COMPRESSION": "1"}, **args)
-    offline = evaluate(llama_cpp, model_path, text, [Row.parse("haar")], n_prefill=n_prefill, n_score=n_score,
-                       window=512, sinks=4, n_threads=2)["rows"][0]
+    offline = evaluate(
+        llama_cpp,
+        model_path,
+        text,
+        [Row.parse("haar")],
+        n_prefill=n_prefill,
+        n_score=n_score,
+        window=512,
+        sinks=4,
+        n_threads=2,
+    )["rows"][0]
     # the same blocks, the same codec bit for bit: same tokens compressed, KLD within 20 %
     assert native["stats_after_prefix"]["compressed_tokens"] == offline["compressed_tokens"] == 1520
     native_kld = mean_kld(stock["logits"], native["logits"])
     assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("OLLAMA_KV_COMPRESSION_LEVEL", "9", "OLLAMA_KV_COMPRESSION_LEVEL='9' is out of range: expected an integer from 1 to 6"),
-    ("OLLAMA_KV_COMPRESSION", "yes", "OLLAMA_KV_COMPRESSION='yes' is not an integer: expected an integer from 0 to 1"),
-    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of hi, balanced, lo"),
-])
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        (
+            "OLLAMA_KV_COMPRESSION_LEVEL",
+            "9",
+            "OLLAMA_KV_COMPRESSION_LEVEL='9' is out of range: expected an integer from 1 to 6",
+        ),
+        (
+            "OLLAMA_KV_COMPRESSION",
+            "yes",
+            "OLLAMA_KV_COMPRESSION='yes' is not an integer: expected an integer from 0 to 1",
+        ),
+        (
+            "OLLAMA_KV_COMPRESSION_PRESET",
+            "max",
+            "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of hi, balanced, lo",
+        ),
+    ],
+)
 def test_bad_value_fails_context_creation_with_its_name(tmp_path, name, value, message):
     report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0, show_logs=True)
     assert "could not create a context" in report["error"]
@@ -153,53 +172,15 @@ def test_an_exception_in_the_callback_is_reported_not_fatal(tmp_path):
 
 
 def test_the_api_refuses_a_context_without_compression(tmp_path):
-    code = ("import json; from kvggml.library import load_llama_cpp; from kvggml import native\n"
-            "from kvggml.model import Runner, default_model_path, silence_llama_logs\n"
-            "ll = load_llama_cpp(); silence_llama_logs(ll)\n"
-            "with Runner(ll, default_model_path(), n_ctx=256) as run:\n"
-            "    try:\n        native.get_segments(run.ctx, 0)\n    except RuntimeError as e:\n        print(e)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-    res = subprocess.run([sys.executable, "-c", code], env={**env, "KVGGML_LIB": "patched"}, capture_output=True,
-                         text=True, timeout=120)
-    assert ("kvggml_get_segments failed: this context does not compress its KV cache "
-            "(create it with OLLAMA_KV_COMPRESSION=1)") in res.stdout
-
-
-SEQUENCES = """
-import json, numpy as np
-from kvggml.library import load_llama_cpp
-from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
-from kvggml import native
-ll = load_llama_cpp(); silence_llama_logs(ll)
-out = {}
-with Runner(ll, default_model_path(), n_ctx=4096, n_seq_max=2, n_threads=2) as run:
-    text = run.tokenize(default_text())
-    a, b = text[:800], text[2000:2800]
-    run.decode(a, 0, seq_id=0)
-    run.decode(b, 0, seq_id=1)
-    seg = lambda s: [(x["p0"], x["p1"], x["n_tokens"], x["bytes"]) for x in native.get_segments(run.ctx, s)]
-    out["seq0"], out["seq1"] = seg(0), seg(1)
-    ll.llama_memory_seq_keep(run.memory, 0)
-    out["after_keep"] = (seg(0), seg(1))
-    ll.llama_memory_seq_cp(run.memory, 0, 1, -1, -1)
-    out["after_cp"] = seg(1)
-    kept = run.decode(text[800:832], 800, want_logits=True, seq_id=0)
-with Runner(ll, default_model_path(), n_ctx=4096, n_threads=2) as fresh:
-    fresh.decode(a, 0)
-    alone = fresh.decode(text[800:832], 800, want_logits=True)
-out["same_top1"] = float((kept.argmax(-1) == alone.argmax(-1)).mean())
-out["max_logit_diff"] = float(np.abs(kept - alone).max())
-print(json.dumps(out))
-"""
+    res = run_script("api_without_compression", timeout=120)
+    assert (
+        "kvggml_get_segments failed: this context does not compress its KV cache "
+        "(create it with OLLAMA_KV_COMPRESSION=1)"
+    ) in res.stdout
 
 
 def test_sequence_operations_follow_the_compressed_blocks():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
-    env.pop("LLAMA_CPP_LIB_PATH", None)
-    env.update({"KVGGML_LIB": "patched", **ON})
-    res = subprocess.run([sys.executable, "-c", SEQUENCES], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = last_json(run_script("sequences", env=child_env(**ON)))
     n_blocks = (800 - 4 - WINDOW) // 16
     assert len(out["seq0"]) == len(out["seq1"]) == n_blocks
     assert out["after_keep"] == [out["seq0"], []]

@@ -20,8 +20,9 @@ _spec.loader.exec_module(vendor_module)
 
 
 def vendor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*VENDOR, *args], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*VENDOR, *args], capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}
+    )
 
 
 def test_no_llama_cpp_source_is_tracked():
@@ -43,7 +44,8 @@ def test_a_patch_that_does_not_apply_names_itself(tmp_path):
         "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
         "From: test <test@localhost>\nDate: Thu, 1 Jan 2026 00:00:00 +0000\nSubject: [PATCH] broken\n\n---\n"
         "diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n"
-        "@@ -1,1 +1,1 @@\n-this line is not in llama.cpp's README\n+replacement\n")
+        "@@ -1,1 +1,1 @@\n-this line is not in llama.cpp's README\n+replacement\n"
+    )
     env = {"KVGGML_PATCHES_DIR": str(patches), "KVGGML_PATCHED_SRC": str(tmp_path / "llama.cpp")}
     res = vendor("apply-patches", env=env)
     assert res.returncode == 1
@@ -64,12 +66,16 @@ def test_nothing_changed_means_nothing_to_do():
 # --- AMX: ggml's AMX kernels crash stock and patched alike on AMX CPUs (llama.cpp #20824)
 
 AMX_MACROS = ("__AMX_TILE__", "__AMX_INT8__", "__AMX_BF16__")
-AMX_INSTRUCTIONS = re.compile(r"\b(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tdpb[su][su]d|tdpbf16ps)\b")
+AMX_INSTRUCTIONS = re.compile(
+    r"\b(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tdpb[su][su]d|tdpbf16ps)\b"
+)
 
 
 def cmake_cache(variant: str) -> dict[str, str]:
     path = REPO / "build" / variant / "CMakeCache.txt"
-    entries = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith(("#", "//")))
+    entries = (
+        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith(("#", "//"))
+    )
     return {key.split(":")[0]: value for key, value in entries}
 
 
@@ -78,7 +84,9 @@ def cmake_cache(variant: str) -> dict[str, str]:
 def test_both_builds_are_configured_without_amx(variant):
     cache = cmake_cache(variant)
     for lang in ("C", "CXX"):
-        assert set(vendor_module.NO_AMX_FLAGS) <= set(cache[f"CMAKE_{lang}_FLAGS"].split()), cache[f"CMAKE_{lang}_FLAGS"]
+        assert set(vendor_module.NO_AMX_FLAGS) <= set(cache[f"CMAKE_{lang}_FLAGS"].split()), cache[
+            f"CMAKE_{lang}_FLAGS"
+        ]
 
 
 def predefined_macros(compiler: str, *flags: str) -> set[str]:
@@ -105,17 +113,22 @@ def test_the_built_libraries_hold_no_amx_instruction(variant):
     assert libraries
     for library in libraries:
         disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
-        assert not AMX_INSTRUCTIONS.search(disassembly), f"{library.name}: {AMX_INSTRUCTIONS.search(disassembly).group(0)}"
+        assert not AMX_INSTRUCTIONS.search(disassembly), (
+            f"{library.name}: {AMX_INSTRUCTIONS.search(disassembly).group(0)}"
+        )
 
 
 # --- build identity: options and compilers decide whether a tree is reconfigured
+
 
 @pytest.fixture
 def tiny_project(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(tiny C)\n"
-                                        "option(TINY_OPTION \"a test option\" OFF)\nadd_library(tiny tiny.c)\n")
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.14)\nproject(tiny C)\n"
+        'option(TINY_OPTION "a test option" OFF)\nadd_library(tiny tiny.c)\n'
+    )
     (src / "tiny.c").write_text("int tiny(void) { return 1; }\n")
     return src, tmp_path / "out"
 
@@ -148,7 +161,7 @@ def test_a_changed_compiler_reconfigures(tiny_project, tmp_path):
     env = dict(os.environ)
     vendor_module.configure(src, out, ["-G", "Ninja"], env)
     wrapper = tmp_path / "my-cc"
-    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('cc')} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@"\n')
     wrapper.chmod(0o755)
     assert vendor_module.configure(src, out, ["-G", "Ninja"], {**env, "CC": str(wrapper)})
     assert f"CMAKE_C_COMPILER:FILEPATH={wrapper}" in (out / "CMakeCache.txt").read_text()

@@ -23,21 +23,43 @@ from kvggml.codecs.kivi import Kivi
 from kvggml.codecs.pooling import Pooling
 from kvggml.presets import PRESETS, preset_bits
 
-__all__ = ["Codec", "HaarCodec", "Identity", "Eviction", "Q8_0", "Q4_0", "Kivi", "Pooling", "decode_block",
-           "hadamard_rotate", "parse_codec", "CODECS", "PRESETS", "preset_bits"]
+__all__ = [
+    "Codec",
+    "HaarCodec",
+    "Identity",
+    "Eviction",
+    "Q8_0",
+    "Q4_0",
+    "Kivi",
+    "Pooling",
+    "decode_block",
+    "hadamard_rotate",
+    "parse_codec",
+    "CODECS",
+    "PRESETS",
+    "preset_bits",
+]
 
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (
-    Identity(),
-    Q8_0(name="q8_0"), Q4_0(name="q4_0"), Q8_0(hadamard=True, name="q8_0+hadamard"), Q4_0(hadamard=True, name="q4_0+hadamard"),
-    Kivi(bits=4, name="kivi4"), Kivi(bits=2, name="kivi2"),
-    Pooling(levels=1, name="pool2"), Pooling(levels=2, name="pool4"),
-    Eviction(),
-    HaarCodec(bits=preset_bits("hi", 4), name="haar-hi"),
-    HaarCodec(name="haar"),
-    HaarCodec(bits=preset_bits("lo", 4), name="haar-lo"),
-    HaarCodec(hadamard=False, name="haar-noH"),
-    HaarCodec(bits=(16,) * 5, group=32, name="haar-16"),
-)}
+CODECS: dict[str, Codec] = {
+    codec.name: codec
+    for codec in (
+        Identity(),
+        Q8_0(name="q8_0"),
+        Q4_0(name="q4_0"),
+        Q8_0(hadamard=True, name="q8_0+hadamard"),
+        Q4_0(hadamard=True, name="q4_0+hadamard"),
+        Kivi(bits=4, name="kivi4"),
+        Kivi(bits=2, name="kivi2"),
+        Pooling(levels=1, name="pool2"),
+        Pooling(levels=2, name="pool4"),
+        Eviction(),
+        HaarCodec(bits=preset_bits("hi", 4), name="haar-hi"),
+        HaarCodec(name="haar"),
+        HaarCodec(bits=preset_bits("lo", 4), name="haar-lo"),
+        HaarCodec(hadamard=False, name="haar-noH"),
+        HaarCodec(bits=(16,) * 5, group=32, name="haar-16"),
+    )
+}
 
 _KINDS: dict[str, type[Codec]] = {cls.KIND: cls for cls in (Identity, Eviction, Q8_0, Q4_0, Kivi, Pooling, HaarCodec)}
 
@@ -50,8 +72,10 @@ def parse_codec(spec: str) -> Codec:
     kind, _, params = spec.partition(":")
     cls = _KINDS.get(kind)
     if cls is None:
-        raise ValueError(f"unknown codec {spec!r}: expected a name ({', '.join(CODECS)}) "
-                         f"or kind:field=value,... with kind one of {', '.join(_KINDS)}")
+        raise ValueError(
+            f"unknown codec {spec!r}: expected a name ({', '.join(CODECS)}) "
+            f"or kind:field=value,... with kind one of {', '.join(_KINDS)}"
+        )
     kwargs: dict[str, object] = {}
     for item in filter(None, params.split(",")):
         key, eq, raw = (part.strip() for part in item.partition("="))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
@@ -85,8 +86,10 @@ def require(ok: bool, kind: str, key: str, value: object, allowed: str) -> None:
 
 def check_layer(x: np.ndarray, block_tokens: int) -> None:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 3:
-        raise ValueError("expected a float32 array of shape (n_tokens, n_heads, head_dim), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        raise ValueError(
+            "expected a float32 array of shape (n_tokens, n_heads, head_dim), got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
     if x.shape[0] % block_tokens:
         raise ValueError(f"n_tokens={x.shape[0]} is not a multiple of the codec's block of {block_tokens} tokens")
     if not np.isfinite(x).all():

@@ -6,14 +6,15 @@ Its byte format is haar_format.py (docs/FORMAT.md); this module holds the encode
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from kvggml.codecs.base import Codec, check_layer, check_role, parse_dotted, parse_flag, parse_float, require
-from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.codecs.haar_format import MAX_BITS, MAX_LEVELS, Band, block_sizes, pack_block, quantize_band, reconstruct
+from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.presets import preset_bits
 from kvggml.wavelet import haar_forward, subband_slices
 
@@ -38,19 +39,39 @@ class HaarCodec(Codec):
     name: str = field(default="", compare=False)
     KIND: ClassVar[str] = "haar"
     SPEC_FIELDS: ClassVar[dict[str, Callable[[str], object]]] = {
-        "levels": int, "bits": parse_dotted, "hadamard": parse_flag, "group": int, "threshold": parse_float}
+        "levels": int,
+        "bits": parse_dotted,
+        "hadamard": parse_flag,
+        "group": int,
+        "threshold": parse_float,
+    }
 
     def __post_init__(self) -> None:
         require(0 <= self.levels <= MAX_LEVELS, self.KIND, "levels", self.levels, f"0 to {MAX_LEVELS}")
         bits = preset_bits("balanced", self.levels) if self.bits is None else tuple(self.bits)
         object.__setattr__(self, "bits", bits)
-        require(len(self.bits) == self.levels + 1, self.KIND, "bits", self.bits,
-                f"exactly levels+1 = {self.levels + 1} dot-separated widths (A_L, D_L, ..., D_1)")
-        require(all(b == 0 or 2 <= b <= MAX_BITS for b in self.bits), self.KIND, "bits", self.bits,
-                f"widths 0 (subband dropped) or 2 to {MAX_BITS}")
+        require(
+            len(self.bits) == self.levels + 1,
+            self.KIND,
+            "bits",
+            self.bits,
+            f"exactly levels+1 = {self.levels + 1} dot-separated widths (A_L, D_L, ..., D_1)",
+        )
+        require(
+            all(b == 0 or 2 <= b <= MAX_BITS for b in self.bits),
+            self.KIND,
+            "bits",
+            self.bits,
+            f"widths 0 (subband dropped) or 2 to {MAX_BITS}",
+        )
         require(1 <= self.group <= 0xFFFF, self.KIND, "group", self.group, "1 to 65535, dividing the channels")
-        require(math.isfinite(self.threshold) and self.threshold >= 0, self.KIND, "threshold", self.threshold,
-                "a finite number >= 0")
+        require(
+            math.isfinite(self.threshold) and self.threshold >= 0,
+            self.KIND,
+            "threshold",
+            self.threshold,
+            "a finite number >= 0",
+        )
         self._set_default_name()
 
     @property
@@ -61,8 +82,10 @@ class HaarCodec(Codec):
     def description(self) -> str:
         rotation = "Hadamard per head, " if self.hadamard else ""
         dropping = f", detail groups below {self.threshold:g} x A_L level dropped" if self.threshold else ""
-        return (f"{rotation}{self.levels}-level Haar over {self.block_tokens} tokens, subband bits "
-                f"{'.'.join(map(str, self.bits))}, f16 scale per {self.group} channels{dropping}")
+        return (
+            f"{rotation}{self.levels}-level Haar over {self.block_tokens} tokens, subband bits "
+            f"{'.'.join(map(str, self.bits))}, f16 scale per {self.group} channels{dropping}"
+        )
 
     def bits_per_element(self, n_heads: int = 4, head_dim: int = 64) -> float:
         return Codec.bits_per_element(replace(self, threshold=0.0), n_heads, head_dim)
@@ -80,10 +103,16 @@ class HaarCodec(Codec):
 
     def encode_block(self, block: np.ndarray, head_dim: int) -> bytes:
         """Serialize one float32 (B, C) block; C = n_heads * head_dim. Format: docs/FORMAT.md."""
-        if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
-                or block.shape[0] != self.block_tokens:
-            raise ValueError(f"expected a float32 block of shape ({self.block_tokens}, C), got "
-                             f"{getattr(block, 'dtype', type(block).__name__)} {getattr(block, 'shape', '')}")
+        if (
+            not isinstance(block, np.ndarray)
+            or block.dtype != np.float32
+            or block.ndim != 2
+            or block.shape[0] != self.block_tokens
+        ):
+            raise ValueError(
+                f"expected a float32 block of shape ({self.block_tokens}, C), got "
+                f"{getattr(block, 'dtype', type(block).__name__)} {getattr(block, 'shape', '')}"
+            )
         if not np.isfinite(block).all():
             raise ValueError("block holds non-finite values")
         channels = block.shape[1]
@@ -93,13 +122,16 @@ class HaarCodec(Codec):
     def _rotation(self, channels: int, head_dim: int) -> int:
         """Hadamard length: head_dim, or 1 (identity) without Hadamard."""
         if channels > 0xFFFF or channels % self.group:
-            raise ValueError(f"haar: group={self.group} must divide the channels, and channels <= 65535; "
-                             f"got {channels} channels")
+            raise ValueError(
+                f"haar: group={self.group} must divide the channels, and channels <= 65535; got {channels} channels"
+            )
         if not self.hadamard:
             return 1
         if head_dim < 1 or head_dim & (head_dim - 1) or channels % head_dim or head_dim > 1 << 15:
-            raise ValueError(f"haar: Hadamard needs head_dim a power of two (<= 32768) dividing the {channels} "
-                             f"channels, got head_dim={head_dim}")
+            raise ValueError(
+                f"haar: Hadamard needs head_dim a power of two (<= 32768) dividing the {channels} "
+                f"channels, got head_dim={head_dim}"
+            )
         return head_dim
 
     def _quantize(self, blocks: np.ndarray, head_dim: int) -> list[Band | None]:
@@ -114,7 +146,7 @@ class HaarCodec(Codec):
         approx_level = amax[:, slices[0]].max(axis=1, keepdims=True)
         detail_limit = np.float32(self.threshold) * approx_level
         bands: list[Band | None] = []
-        for index, (rows, bits) in enumerate(zip(slices, self.bits)):
+        for index, (rows, bits) in enumerate(zip(slices, self.bits, strict=True)):
             if bits == 0:
                 bands.append(None)
                 continue

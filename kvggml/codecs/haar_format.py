@@ -69,8 +69,12 @@ def pack_block(bands: list[Band | None], channels: int, group: int, rotation: in
     for band in coded:
         values = band.q[0][band.present[0]].ravel() & ((1 << band.bits) - 1)  # two's complement in `bits` bits
         data_bits.append(((values[:, None] >> np.arange(band.bits)) & 1).astype(np.uint8).ravel())
-    return (header + np.packbits(bitmap, bitorder="little").tobytes() + scales.astype("<u2").tobytes()
-            + np.packbits(np.concatenate(data_bits), bitorder="little").tobytes())
+    return (
+        header
+        + np.packbits(bitmap, bitorder="little").tobytes()
+        + scales.astype("<u2").tobytes()
+        + np.packbits(np.concatenate(data_bits), bitorder="little").tobytes()
+    )
 
 
 def block_sizes(bands: list[Band | None], n_blocks: int, levels: int) -> np.ndarray:
@@ -81,16 +85,17 @@ def block_sizes(bands: list[Band | None], n_blocks: int, levels: int) -> np.ndar
         return np.full(n_blocks, header)
     bitmap_bits = sum(band.present[0].size for band in coded)
     present = [band.present.sum(axis=(1, 2)) for band in coded]
-    data_bits = sum(p * band.q.shape[3] * band.bits for p, band in zip(present, coded))
+    data_bits = sum(p * band.q.shape[3] * band.bits for p, band in zip(present, coded, strict=True))
     return header + (bitmap_bits + 7) // 8 + 2 * sum(present) + (data_bits + 7) // 8
 
 
-def reconstruct(bands: list[Band | None], n_blocks: int, levels: int, channels: int, group: int,
-                rotation: int) -> np.ndarray:
+def reconstruct(
+    bands: list[Band | None], n_blocks: int, levels: int, channels: int, group: int, rotation: int
+) -> np.ndarray:
     """Decoded float32 (n_blocks, B, C) from quantized subbands: q * scale, inverse Haar, inverse Hadamard."""
     n_rows = 1 << levels
     coef = np.zeros((n_blocks, n_rows, channels // group, group), np.float32)
-    for rows, band in zip(subband_slices(n_rows, levels), bands):
+    for rows, band in zip(subband_slices(n_rows, levels), bands, strict=True):
         if band is not None:
             coef[:, rows] = band.q.astype(np.float32) * f16_bits_to_f32(band.scale_bits)[..., None]
     decoded = haar_inverse(coef.reshape(n_blocks, n_rows, channels), levels, axis=1)
@@ -125,7 +130,7 @@ def decode_block(data: bytes) -> np.ndarray:
 
     n_rows, n_groups = 1 << levels, channels // group
     slices = subband_slices(n_rows, levels)
-    shapes = [(sl.stop - sl.start, n_groups) for sl, bits in zip(slices, widths) if bits]
+    shapes = [(sl.stop - sl.start, n_groups) for sl, bits in zip(slices, widths, strict=True) if bits]
     bitmap_bits = sum(rows * groups for rows, groups in shapes)
     pos = header_len + (bitmap_bits + 7) // 8
     if len(data) < pos:
@@ -147,7 +152,7 @@ def decode_block(data: bytes) -> np.ndarray:
 
     coded_widths = [bits for bits in widths if bits]
     present_per_band = np.split(present, np.cumsum([rows * groups for rows, groups in shapes])[:-1])
-    data_bits = sum(int(p.sum()) * group * bits for p, bits in zip(present_per_band, coded_widths))
+    data_bits = sum(int(p.sum()) * group * bits for p, bits in zip(present_per_band, coded_widths, strict=False))
     expected = pos + (data_bits + 7) // 8
     if len(data) < expected:
         raise ValueError(f"truncated data: {len(data)} bytes, expected {expected}")
@@ -158,7 +163,7 @@ def decode_block(data: bytes) -> np.ndarray:
         raise ValueError("nonzero padding bits after the quantized values")
 
     bands: list[Band | None] = []
-    coded = iter(zip(shapes, present_per_band))
+    coded = iter(zip(shapes, present_per_band, strict=False))
     scale_pos = bit_pos = 0
     for bits in widths:
         if bits == 0:
@@ -175,8 +180,10 @@ def decode_block(data: bytes) -> np.ndarray:
         unsigned = (chunk << np.arange(bits)).sum(axis=1)
         values = unsigned - ((unsigned >> (bits - 1)) << bits)
         if (values == -(1 << (bits - 1))).any():
-            raise ValueError(f"quantized value {-(1 << (bits - 1))} out of range for a {bits}-bit subband "
-                             f"(allowed -{(1 << (bits - 1)) - 1} to {(1 << (bits - 1)) - 1})")
+            raise ValueError(
+                f"quantized value {-(1 << (bits - 1))} out of range for a {bits}-bit subband "
+                f"(allowed -{(1 << (bits - 1)) - 1} to {(1 << (bits - 1)) - 1})"
+            )
         q = np.zeros((1, rows, groups, group), np.int32)
         q[band_present] = values.reshape(count, group)
         bands.append(Band(bits, band_present, scale_bits, q))

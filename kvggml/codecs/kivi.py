@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -43,8 +44,10 @@ class Kivi(Codec):
 
     @property
     def description(self) -> str:
-        return (f"KIVI-style {self.bits}-bit asymmetric quantization, K per channel over {self.group} tokens, "
-                f"V per token over {self.group} channels, f16 min and step per group")
+        return (
+            f"KIVI-style {self.bits}-bit asymmetric quantization, K per channel over {self.group} tokens, "
+            f"V per token over {self.group} channels, f16 min and step per group"
+        )
 
     def roundtrip(self, x: np.ndarray, role: str) -> tuple[np.ndarray, int]:
         check_layer(x, self.block_tokens)

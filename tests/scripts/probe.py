@@ -2,7 +2,7 @@
 
 Tests that need the patched library (the pytest process holds stock llama.cpp) or
 their own environment run this file:
-    python tests/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
+    python tests/scripts/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
 Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
 """
 
@@ -28,18 +28,26 @@ def main() -> None:
 
     report: dict = {}
     try:
-        run = Runner(llama_cpp, default_model_path(), n_ctx=args["n_ctx"], n_batch=args.get("n_batch", 512),
-                     n_threads=2, flash_attn=args.get("flash_attn", True))
+        run = Runner(
+            llama_cpp,
+            default_model_path(),
+            n_ctx=args["n_ctx"],
+            n_batch=args.get("n_batch", 512),
+            n_threads=2,
+            flash_attn=args.get("flash_attn", True),
+        )
     except RuntimeError as err:
         print(json.dumps({"error": str(err)}))
         return
     with run:
         events = []
         if args.get("callback"):
+
             def on_compress(event):
                 events.append(event)
                 if args["callback"] == "raise" and len(events) == 2:
                     raise RuntimeError("raised by the test's callback")
+
             callback = native.CompressCallback(run.ctx, on_compress)
         tokens = run.tokenize(default_text())[: args["tokens"]]
         n_logits = args.get("logits_last", 0)
@@ -47,7 +55,7 @@ def main() -> None:
         run.decode(head, 0)
         report["stats_after_prefix"] = stats_or_none(llama_cpp, run.ctx)
         if n_logits:
-            logits = run.decode(tokens[len(head):], len(head), want_logits=True)
+            logits = run.decode(tokens[len(head) :], len(head), want_logits=True)
             np.save(args["out"], logits)
         report["stats"] = stats_or_none(llama_cpp, run.ctx)
         if args.get("callback"):

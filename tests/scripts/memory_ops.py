@@ -1,6 +1,6 @@
 """llama.cpp memory operations with compression on, beside the same operations on an exact cache.
 
-    python tests/memory_ops.py SCENARIO MODEL OUT.npz   (MODEL: smollm2 or gemma3)
+    python tests/scripts/memory_ops.py SCENARIO MODEL OUT.npz   (MODEL: smollm2 or gemma3)
 
 Prints a JSON report and saves the logits it compares to OUT.npz. Each context picks
 compression through OLLAMA_KV_COMPRESSION when it is created, so one process holds both
@@ -53,7 +53,7 @@ class Scenario:
             if compress:
                 self.report["stats"] = native.get_stats(run.ctx)
                 self.report["segments"] = self.segments(run)
-            return run.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
+            return run.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
 
         self.both("read", steps)
 
@@ -81,7 +81,7 @@ class Scenario:
             run.remove(300, 700)
             if compress:
                 self.report["segments"] = self.segments(run)
-            return run.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
+            return run.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
 
         self.both("removed", steps)
 
@@ -93,7 +93,7 @@ class Scenario:
             if compress:
                 self.report["segments_copy"] = self.segments(run, 1)
             branch = run.decode(self.text[2000:2400], 600, want_logits=True, seq_id=1)[-NEXT:]
-            trunk = run.decode(self.text[1200:1200 + NEXT], 1200, want_logits=True, seq_id=0)
+            trunk = run.decode(self.text[1200 : 1200 + NEXT], 1200, want_logits=True, seq_id=0)
             if compress:
                 self.report["segments_trunk"] = self.segments(run, 0)
                 self.report["segments_branch"] = self.segments(run, 1)
@@ -105,16 +105,23 @@ class Scenario:
     def shift(self) -> None:
         def steps(run, compress):
             run.decode(self.text[:READ], 0)
-            self.report["can_shift" if compress else "can_shift_exact"] = bool(llama_cpp.llama_memory_can_shift(run.memory))
+            self.report["can_shift" if compress else "can_shift_exact"] = bool(
+                llama_cpp.llama_memory_can_shift(run.memory)
+            )
             run.remove(100, 400)
             llama_cpp.llama_memory_seq_add(run.memory, 0, 400, -1, -300)
             if compress:
                 self.report["segments"] = self.segments(run)
-            return run.decode(self.text[READ:READ + NEXT], READ - 300, want_logits=True)
+            return run.decode(self.text[READ : READ + NEXT], READ - 300, want_logits=True)
 
         self.both("shifted", steps)
-        self.both("unshifted", lambda run, compress: (run.decode(self.text[:READ], 0),
-                                                      run.decode(self.text[READ:READ + NEXT], READ, True))[1])
+        self.both(
+            "unshifted",
+            lambda run, compress: (
+                run.decode(self.text[:READ], 0),
+                run.decode(self.text[READ : READ + NEXT], READ, True),
+            )[1],
+        )
 
     def state(self) -> None:
         with self.context(False) as exact:
@@ -126,13 +133,16 @@ class Scenario:
             saved = run.get_state()
             self.report["state_bytes"] = len(saved)
             self.report["compressed_tokens"] = native.get_stats(run.ctx)["compressed_tokens"]
-            self.logits["original"] = run.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
+            self.logits["original"] = run.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
         with self.context(True) as restored:
             restored.set_state(saved)
             self.report["restored_segments"] = len(native.get_segments(restored.ctx, 0))
-            self.logits["restored"] = restored.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
-            damaged = {"truncated": saved[: len(saved) // 2], "flipped": bytearray(saved),
-                       "exact": exact_state}  # saved without compression: K/V not in the rotated basis
+            self.logits["restored"] = restored.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
+            damaged = {
+                "truncated": saved[: len(saved) // 2],
+                "flipped": bytearray(saved),
+                "exact": exact_state,
+            }  # saved without compression: K/V not in the rotated basis
             damaged["flipped"][2000] ^= 0x10  # inside the first compressed block
             for name, data in damaged.items():
                 print(f"--- loading the {name} state", file=sys.stderr, flush=True)
@@ -143,7 +153,7 @@ class Scenario:
                     self.report[name] = str(err)
             # the context stays usable: a good state loads again after the failures
             restored.set_state(saved)
-            self.logits["reloaded"] = restored.decode(self.text[READ:READ + NEXT], READ, want_logits=True)
+            self.logits["reloaded"] = restored.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
         with self.context(False) as plain:
             print("--- loading into a context without compression", file=sys.stderr, flush=True)
             try:

@@ -1,0 +1,23 @@
+"""The codec checks of tests/test_c_codec.py on the codec inside a library (the patched
+libllama), in a process of its own; prints how many golden and malformed vectors passed.
+
+    python tests/scripts/codec_in_library.py LIBRARY.so
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from test_c_codec import bind, check_invalid, check_vectors
+
+
+def main() -> None:
+    lib = bind(sys.argv[1])
+    print(check_vectors(lib), check_invalid(lib))
+
+
+if __name__ == "__main__":
+    main()
