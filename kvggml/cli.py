@@ -16,6 +16,8 @@ from kvggml.library import REPO, choose_library, kvggml_version, load_llama_cpp
 
 def cmd_info(args: argparse.Namespace) -> int:
     config = CompressionConfig.from_env()
+    if args.model or args.ctx or args.memory:
+        return plan_info(args, config)
     choice = choose_library()
     llama_cpp = load_llama_cpp()
     lock = tomllib.loads((REPO / "vendor" / "llama-cpp-python.toml").read_text())["sdist"]
@@ -50,6 +52,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info["compression"].items():
         print(f"  {key}={value}")
     return 0
+
+
+def plan_info(args: argparse.Namespace, config: CompressionConfig) -> int:
+    """`kvggml info --model M --ctx N --memory X`: KV memory of each setting, from the GGUF alone."""
+    from kvggml.plan import KVShape, format_plan, plan
+
+    model = model_path(args.model)
+    n_ctx = args.ctx or KVShape.from_gguf(model).context_length
+    report = plan(model, n_ctx, config, args.memory)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0
+
+
+def memory_size(value: str) -> int:
+    from kvggml.plan import PlanError, parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except PlanError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--memory {value!r} ")) from None
 
 
 def model_path(arg: str | None) -> Path:
@@ -248,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, library in use, patch series, configuration")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument(
+        "--model",
+        metavar="GGUF",
+        help="plan instead: the KV memory this model needs at --ctx with stock's caches and each preset",
+    )
+    info.add_argument("--ctx", type=positive, help="context to plan for (default: the model's trained context)")
+    info.add_argument(
+        "--memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="with --model: the longest context each setting fits in SIZE (2GiB, 512MiB, bytes)",
+    )
     info.set_defaults(func=cmd_info)
 
     ev = sub.add_parser("eval", help="measure codecs on a real model against the uncompressed cache")

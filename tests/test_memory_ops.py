@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from conftest import child_env, last_json, run_script
 
+from kvggml.config import CompressionConfig
 from kvggml.metrics import mean_kld as kld
+from kvggml.model import default_model_path, gemma3_model_path
+from kvggml.plan import KVShape, kvggml_footprint
 
-WINDOW, READ, B = 256, 1500, 16
+N_CTX, WINDOW, READ, B = 4096, 256, 1500, 16
 COMPRESSED_AFTER_READ = (READ - 4 - WINDOW) // B * B  # whole blocks between the 4 sinks and the window
 
 
@@ -62,6 +65,19 @@ def test_reading_compresses_and_stays_close(tmp_path_factory, model):
     assert stats["exact_cells"] == 800  # 4 sinks + 256 window + a block + a 512 batch, padded to 32
     loss = baseline(tmp_path_factory, model)
     assert 0 < loss < 0.1 and top1(logits["read-exact"], logits["read-compressed"]) >= 0.75
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_the_plan_predicts_the_library_accounting(tmp_path_factory, model):
+    # `kvggml info --model` computes from the GGUF alone what the library reports once it runs
+    stats = scenario(tmp_path_factory, "read", model)[0]["stats"]
+    path = default_model_path() if model == "smollm2" else gemma3_model_path()
+    config = CompressionConfig(enabled=True, threshold=WINDOW)
+    predicted = kvggml_footprint(KVShape.from_gguf(path), config, n_ctx=N_CTX, n_read=READ)
+    assert predicted.exact_bytes == stats["exact_bytes"]
+    # an upper bound: a detail group that is all zero (the V of a token repeated next to itself, in
+    # the first layers) is not stored
+    assert 0.999 * predicted.compressed_bytes <= stats["compressed_bytes"] <= predicted.compressed_bytes
 
 
 def test_removing_the_tail_from_inside_a_block_is_like_never_reading_it(tmp_path_factory):

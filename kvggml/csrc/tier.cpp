@@ -204,9 +204,10 @@ void Tier::compress() {
     // cell: then they are left where they are.
     const std::vector<uint32_t> kept = cells_kept(runs);
     const bool compact = !kv.v_cells[0].get_has_shift();
+    std::vector<ggml_fp16_t> tensor;  // one layer's whole K or V, as stored; reused layer after layer
     for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
         for (const bool is_v : {false, true}) {
-            encode_runs(ikv, is_v, runs, compact ? &kept : nullptr);
+            encode_runs(ikv, is_v, runs, compact ? &kept : nullptr, tensor);
         }
     }
     const size_t first_new = blks.size();
@@ -272,9 +273,9 @@ std::vector<uint32_t> Tier::cells_kept(const std::vector<Run> & runs) const {
     return kept;
 }
 
-void Tier::encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, const std::vector<uint32_t> * kept) {
-    std::vector<ggml_fp16_t> tensor;  // the layer's whole K or V, as stored
-    std::vector<ggml_fp16_t> rows;    // one block, token-major
+void Tier::encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, const std::vector<uint32_t> * kept,
+                       std::vector<ggml_fp16_t> & tensor) {
+    std::vector<ggml_fp16_t> rows;  // one block, token-major
     const uint32_t B = cfg.block_tokens();
     const uint32_t kv_size = kv.v_cells[0].size();
     ggml_tensor * t = is_v ? kv.layers[ikv].v : kv.layers[ikv].k;

@@ -166,8 +166,9 @@ private:
     std::vector<Run> old_runs() const;  // every whole block between the sinks and the window
     std::vector<uint32_t> cells_kept(const std::vector<Run> & runs) const;  // occupied cells not in a run
     // Encode the runs of one layer's K or V into its stream; with `kept`, also move those cells'
-    // values to the front of the tensor.
-    void encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, const std::vector<uint32_t> * kept);
+    // values to the front of the tensor. `tensor` is scratch for the layer's values.
+    void encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, const std::vector<uint32_t> * kept,
+                     std::vector<uint16_t> & tensor);
     void add_blocks(const std::vector<Run> & runs);  // the runs become blocks; their cells are freed
     void move_cells_to_front(const std::vector<uint32_t> & kept);
     void announce(size_t first_new) const;  // the compress callback, for blocks first_new.. on
