@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import child_env, last_json, run_script
 
+from kvggml.library import library_dir
 from kvggml.metrics import mean_kld
+from kvggml.model import default_model_path
 
 # Small but real: 1536 tokens with a 256-token window crosses the threshold many times.
 N_CTX, TOKENS, LAST, WINDOW = 4096, 1536, 64, 256
@@ -146,9 +149,29 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
     ],
 )
 def test_bad_value_fails_context_creation_with_its_name(tmp_path, name, value, message):
-    report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0, show_logs=True)
+    # llama.cpp's log is silenced here, as llama-cpp-python's verbose=False does: the reason still shows
+    report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0)
     assert "could not create a context" in report["error"]
-    assert message in report["stderr"]
+    assert f"kvggml: error: {message}" in report["stderr"]
+
+
+@pytest.mark.parametrize("tool", ["llama-bench", "llama-perplexity"])
+def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool):
+    # llama-bench silences llama.cpp's log entirely and said only "failed to create context"
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ["-p", "16", "-n", "0", "-r", "1"] if tool == "llama-bench" else ["-f", str(text), "-c", "128"]
+    res = subprocess.run(
+        [str(library_dir("patched") / tool), "-m", str(default_model_path()), *args],
+        env=child_env(OLLAMA_KV_COMPRESSION_LEVEL="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0
+    assert (
+        "kvggml: error: OLLAMA_KV_COMPRESSION_LEVEL='0' is out of range: expected an integer from 1 to 6" in res.stderr
+    )
 
 
 def test_callback_reports_each_block_as_the_prompt_is_read(tmp_path):

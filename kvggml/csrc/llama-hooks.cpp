@@ -4,6 +4,7 @@
 #include "llama-hooks.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -30,13 +31,29 @@ llama_kv_cache * compressible_cache(llama_memory_i * memory) {
 }
 } // namespace kvggml
 
+// Context creation refused: llama.cpp logs why and returns null ("failed to create context"), but
+// tools that silence the log (llama-bench) or show only their own errors never print the reason.
+// It goes to stderr as well, so it reaches the user in every consumer of the library.
+[[noreturn]] static void refuse(const std::invalid_argument & err) {
+    std::fprintf(stderr, "kvggml: error: %s\n", err.what());
+    throw err;
+}
+
+static kvggml::Config config_from_env() {
+    try {
+        return kvggml::Config::from_env();
+    } catch (const std::invalid_argument & err) {
+        refuse(err);
+    }
+}
+
 static Tier * tier_of(llama_memory_i * memory) {
     auto * kv = kvggml::compressible_cache(memory);
     return kv ? kv->kvggml_tier.get() : nullptr;
 }
 
 bool kvggml_rotates_cache(const llama_hparams & hparams) {
-    const kvggml::Config cfg = kvggml::Config::from_env();
+    const kvggml::Config cfg = config_from_env();
     bool full_rope = true;
     for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
         full_rope = full_rope && (!hparams.has_rope(il) || hparams.n_rot(il) == hparams.n_embd_head_k(il));
@@ -45,7 +62,7 @@ bool kvggml_rotates_cache(const llama_hparams & hparams) {
 }
 
 uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max) {
-    const kvggml::Config cfg = kvggml::Config::from_env();
+    const kvggml::Config cfg = config_from_env();
     if (!cfg.enabled) {
         return n_ctx_seq;
     }
@@ -55,16 +72,20 @@ uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq
 }
 
 void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams) {
-    const kvggml::Config cfg = kvggml::Config::from_env();
+    const kvggml::Config cfg = config_from_env();
     if (!cfg.enabled) {
         return;
     }
     llama_kv_cache * kv = kvggml::compressible_cache(memory);
-    if (kv == nullptr) {
-        throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with a full-attention KV cache "
-                                    "(plain or beside sliding-window layers); this model's memory is recurrent or hybrid");
+    try {
+        if (kv == nullptr) {
+            throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with a full-attention KV cache (plain "
+                                        "or beside sliding-window layers); this model's memory is recurrent or hybrid");
+        }
+        kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv, cparams);
+    } catch (const std::invalid_argument & err) {
+        refuse(err);
     }
-    kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv, cparams);
     LLAMA_LOG_INFO("%s: kvggml compression on: window %u, sinks %u, level %u, preset %s, %u f16 cells for n_ctx %u\n",
                    __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), cparams.n_ctx_seq);
 }
