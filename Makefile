@@ -3,6 +3,8 @@
 #   make test     set up everything, then run the test suite
 #   make test-fast  the tests that need no llama.cpp build (codec, wavelet, config, ...), in under a minute
 #   make lint     ruff's checks and format check (pyproject.toml), as CI runs them
+#   make sanitize build the patched library with AddressSanitizer + UBSan (build/sanitize) and run
+#                 the tier, memory-operation, state and Python-layer tests against it
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -11,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast lint apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint sanitize apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,12 @@ test: build
 
 test-fast: setup
 	$(PY) -m pytest -m fast
+
+SANITIZED_TESTS := tests/test_tier.py tests/test_memory_ops.py tests/test_llama.py tests/test_native.py
+
+sanitize: setup
+	$(PY) scripts/vendor.py build stock sanitize -j $(JOBS)
+	KVGGML_TEST_PATCHED=sanitize $(PY) -m pytest $(SANITIZED_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

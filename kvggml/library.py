@@ -17,9 +17,13 @@ from types import ModuleType
 
 from kvggml.config import Setting
 
-VARIANTS = ("stock", "patched")
+# sanitize: the patched build with AddressSanitizer and UBSan (`make sanitize`)
+VARIANTS = ("stock", "patched", "sanitize")
 LIB_SETTING = Setting(
-    "KVGGML_LIB", "patched", "which libllama kvggml loads: the patched build or stock llama.cpp", choices=VARIANTS
+    "KVGGML_LIB",
+    "patched",
+    "which libllama kvggml loads: the patched build, stock llama.cpp, or the patched build sanitized",
+    choices=VARIANTS,
 )
 REPO = Path(__file__).resolve().parent.parent
 # The symbol our first patch exports: present in the patched library only.

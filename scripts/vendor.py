@@ -5,14 +5,14 @@
                               prints the sdist's path
     vendor.py apply-patches   vendor/llama.cpp = pinned source + patches/*.patch (a git checkout)
     vendor.py format-patches  write the commits of vendor/llama.cpp back to patches/
-    vendor.py build [stock|patched ...]
-                              build libllama, llama-perplexity and llama-bench
+    vendor.py build [stock|patched|sanitize ...]
+                              build libllama, llama-perplexity and llama-bench (default: stock, patched)
 
 Layout (all git-ignored):
     build/cache/<sdist>        the verified download
     build/llama.cpp-stock/     pristine source, never edited
     vendor/llama.cpp/          git checkout: tag kvggml-base = pristine, branch kvggml = patched
-    build/stock/bin, build/patched/bin
+    build/stock/bin, build/patched/bin, build/sanitize/bin
                                shared libraries and tools of each variant
 
 Only the standard library is used, so this runs before anything is installed.
@@ -71,6 +71,13 @@ CMAKE_OPTIONS = [
     # -march=native whatever their order, in GCC and Clang.
     *([f"-DCMAKE_C_FLAGS={' '.join(NO_AMX_FLAGS)}", f"-DCMAKE_CXX_FLAGS={' '.join(NO_AMX_FLAGS)}"] if X86 else []),
 ]
+# What each build adds. `sanitize` is the patched tree with AddressSanitizer and UBSan on libllama
+# (kvggml's code and llama.cpp's KV cache); ggml stays unsanitized, so tests keep their speed.
+VARIANT_OPTIONS = {
+    "stock": [],
+    "patched": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}"],
+    "sanitize": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON"],
+}
 # KVGGML_CMAKE_OPTIONS adds options to both builds alike (stock stays comparable), e.g. "-DGGML_NATIVE=OFF".
 EXTRA_CMAKE_OPTIONS = shlex.split(os.environ.get("KVGGML_CMAKE_OPTIONS", ""))
 GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]
@@ -309,9 +316,7 @@ def configure(src: Path, out: Path, options: list[str], env: dict) -> bool:
 def build_variant(variant: str, jobs: int) -> None:
     src = STOCK_SRC if variant == "stock" else PATCHED_SRC
     out = BUILD / variant
-    options = [*CMAKE_OPTIONS, *EXTRA_CMAKE_OPTIONS]
-    if variant == "patched":
-        options.append(f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}")
+    options = [*CMAKE_OPTIONS, *EXTRA_CMAKE_OPTIONS, *VARIANT_OPTIONS[variant]]
     env = dict(os.environ)
     if shutil.which("ccache"):
         # Paths relative to the repo in the ccache key: a fresh clone (CI) reuses this machine's objects.
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("apply-patches")
     sub.add_parser("format-patches")
     build = sub.add_parser("build")
-    build.add_argument("variants", nargs="*", metavar="stock|patched", help="default: both")
+    build.add_argument("variants", nargs="*", metavar="|".join(VARIANT_OPTIONS), help="default: stock and patched")
     build.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     try:
@@ -341,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd_format_patches()
         else:
             args.variants = args.variants or ["stock", "patched"]
-            for variant in set(args.variants) - {"stock", "patched"}:
-                parser.error(f"build: unknown variant {variant!r}: expected stock or patched")
+            for variant in set(args.variants) - set(VARIANT_OPTIONS):
+                parser.error(f"build: unknown variant {variant!r}: expected one of {', '.join(VARIANT_OPTIONS)}")
             if "stock" in args.variants:
                 cmd_fetch()
-            if "patched" in args.variants:
+            if set(args.variants) - {"stock"}:
                 cmd_apply_patches()
             for variant in args.variants:
                 build_variant(variant, args.jobs)

@@ -18,12 +18,31 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+# `make sanitize` sets KVGGML_TEST_PATCHED=sanitize: children that ask for the patched library get
+# the sanitized build, with the sanitizer runtimes loaded first (Python itself is not built with them).
+PATCHED = os.environ.get("KVGGML_TEST_PATCHED", "patched")
+
+
+def sanitizer_env() -> dict[str, str]:
+    runtimes = [
+        subprocess.run(["cc", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()
+        for name in ("libasan.so", "libubsan.so")
+    ]
+    return {
+        "LD_PRELOAD": " ".join(runtimes),
+        # Python keeps objects alive at exit on purpose: leaks are not what this run looks for
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
+
+
 def child_env(lib: str = "patched", **variables: str) -> dict[str, str]:
     """A child process's environment: this one's, less any compression setting or library path
-    the shell had, with KVGGML_LIB=lib and the given variables."""
+    the shell had, with KVGGML_LIB=lib (the library under test for "patched") and the given variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
     env.pop("LLAMA_CPP_LIB_PATH", None)
-    return {**env, "KVGGML_LIB": lib, **variables}
+    lib = PATCHED if lib == "patched" else lib
+    return {**env, **(sanitizer_env() if lib == "sanitize" else {}), "KVGGML_LIB": lib, **variables}
 
 
 def run_script(

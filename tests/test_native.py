@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import PATCHED, last_json, run_script
 
 from kvggml import native
+from kvggml.library import library_dir
 
 STRUCTS = ("kvggml_codec_params", "kvggml_stats", "kvggml_segment", "kvggml_event", "kvggml_settings")
 
@@ -64,3 +66,10 @@ def test_a_library_of_another_version_is_refused():
         r"\d+: rebuild it with `make build`",
         res.stdout,
     ), res.stdout
+
+
+def test_children_run_the_library_under_test():
+    # under `make sanitize` every child asking for the patched library runs the sanitized build
+    out = last_json(run_script("generate", timeout=300))
+    assert Path(out["library"]) == library_dir(PATCHED) / "libllama.so"
+    assert out["asan_loaded"] == (PATCHED == "sanitize")

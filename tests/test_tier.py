@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, last_json, run_script
+from conftest import PATCHED, child_env, last_json, run_script
 
 from kvggml.library import library_dir
 from kvggml.metrics import mean_kld
@@ -162,7 +162,7 @@ def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     args = ["-p", "16", "-n", "0", "-r", "1"] if tool == "llama-bench" else ["-f", str(text), "-c", "128"]
     res = subprocess.run(
-        [str(library_dir("patched") / tool), "-m", str(default_model_path()), *args],
+        [str(library_dir(PATCHED) / tool), "-m", str(default_model_path()), *args],
         env=child_env(OLLAMA_KV_COMPRESSION_LEVEL="0"),
         capture_output=True,
         text=True,

@@ -1,9 +1,10 @@
 """A short greedy completion on the library KVGGML_LIB picks; prints the text, the library
-loaded and the kvggml version it carries, as JSON."""
+loaded, the kvggml version it carries and whether AddressSanitizer's runtime is loaded, as JSON."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from kvggml.library import kvggml_version, load_llama_cpp, loaded_library_path
 from kvggml.model import default_model_path
@@ -19,6 +20,7 @@ def main() -> None:
                 "text": out["choices"][0]["text"],
                 "library": str(loaded_library_path()),
                 "kvggml": kvggml_version(llama_cpp.llama_cpp._lib),
+                "asan_loaded": "libasan" in Path("/proc/self/maps").read_text(),
             }
         )
     )
