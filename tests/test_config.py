@@ -56,7 +56,9 @@ def test_every_setting_has_a_bad_value_test():
 
 
 def test_bad_library_choice():
-    with pytest.raises(ConfigError, match=r"KVGGML_LIB='patchd' is not allowed: expected one of stock, patched"):
+    with pytest.raises(
+        ConfigError, match=r"KVGGML_LIB='patchd' is not allowed: expected one of stock, patched, sanitize"
+    ):
         choose_library({"KVGGML_LIB": "patchd"})
 
 

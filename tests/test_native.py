@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PATCHED, last_json, run_script
+from conftest import PATCHED, child_env, last_json, run_script
 
 from kvggml import native
 from kvggml.library import library_dir
@@ -60,12 +60,18 @@ def test_the_header_version_is_the_package_version():
 
 
 def test_a_library_of_another_version_is_refused():
-    res = run_script("version_mismatch", timeout=120)
+    res = run_script("open_api", "ahead", timeout=120)
     assert re.search(
         r"libllama\.so was built from kvggml \d+\.\d+\.\d+ \(\d+\), but this package's kvggml\.h is "
         r"\d+: rebuild it with `make build`",
         res.stdout,
     ), res.stdout
+    assert run_script("open_api", timeout=120).stdout.strip() == "opened"
+
+
+def test_the_stock_library_has_no_api():
+    res = run_script("open_api", env=child_env("stock"), timeout=120)
+    assert "libllama.so is stock llama.cpp: kvggml's API needs the patched library (KVGGML_LIB=patched)" in res.stdout
 
 
 def test_children_run_the_library_under_test():

@@ -89,6 +89,8 @@ def test_cli_plans_without_a_build_and_names_bad_input(tmp_path):
     assert "| stock q4_0 | 101.2 | 0.281 |" in res.stdout and "| kvggml balanced |" in res.stdout
     bad = run_cli("info", "--model", str(default_model_path()), "--memory", "lots", timeout=60)
     assert bad.returncode == 2 and "--memory: is not a size" in bad.stderr
+    missing = run_cli("info", "--model", str(tmp_path / "missing.gguf"), timeout=60)
+    assert missing.returncode == 2 and f"--model {tmp_path / 'missing.gguf'}: no such file" in missing.stderr
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a model")
     res = run_cli("info", "--model", str(not_gguf), timeout=60)

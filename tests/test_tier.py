@@ -155,23 +155,43 @@ def test_bad_value_fails_context_creation_with_its_name(tmp_path, name, value, m
     assert f"kvggml: error: {message}" in report["stderr"]
 
 
-@pytest.mark.parametrize("tool", ["llama-bench", "llama-perplexity"])
-def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool):
+BAD_LEVEL = "OLLAMA_KV_COMPRESSION_LEVEL='0' is out of range: expected an integer from 1 to 6"
+BENCH = ["-p", "16", "-n", "0", "-r", "1"]
+
+
+@pytest.mark.parametrize(
+    "tool,variables,args,message",
+    [
+        ("llama-bench", {"OLLAMA_KV_COMPRESSION_LEVEL": "0"}, BENCH, BAD_LEVEL),
+        ("llama-perplexity", {"OLLAMA_KV_COMPRESSION_LEVEL": "0"}, ["-c", "128"], BAD_LEVEL),
+        (
+            "llama-bench",
+            {"OLLAMA_KV_COMPRESSION": "1"},
+            [*BENCH, "-ctk", "q8_0"],
+            "OLLAMA_KV_COMPRESSION=1 needs an f16 KV cache; this one is q8_0/f16",
+        ),
+        (  # 4 sequences of 128 tokens per 512-token batch, in llama.cpp's default split caches
+            "llama-perplexity",
+            {"OLLAMA_KV_COMPRESSION": "1"},
+            ["-c", "128", "-b", "512"],
+            "OLLAMA_KV_COMPRESSION=1 needs a unified KV cache (kv_unified) when several sequences are used",
+        ),
+    ],
+)
+def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool, variables, args, message):
     # llama-bench silences llama.cpp's log entirely and said only "failed to create context"
     text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    args = ["-p", "16", "-n", "0", "-r", "1"] if tool == "llama-bench" else ["-f", str(text), "-c", "128"]
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
     res = subprocess.run(
-        [str(library_dir(PATCHED) / tool), "-m", str(default_model_path()), *args],
-        env=child_env(OLLAMA_KV_COMPRESSION_LEVEL="0"),
+        [str(library_dir(PATCHED) / tool), "-m", str(default_model_path()), *args]
+        + (["-f", str(text)] if tool == "llama-perplexity" else []),
+        env=child_env(**variables),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode != 0
-    assert (
-        "kvggml: error: OLLAMA_KV_COMPRESSION_LEVEL='0' is out of range: expected an integer from 1 to 6" in res.stderr
-    )
+    assert f"kvggml: error: {message}" in res.stderr
 
 
 def test_callback_reports_each_block_as_the_prompt_is_read(tmp_path):
@@ -200,6 +220,28 @@ def test_the_api_refuses_a_context_without_compression(tmp_path):
         "kvggml_get_segments failed: this context does not compress its KV cache "
         "(create it with OLLAMA_KV_COMPRESSION=1)"
     ) in res.stdout
+
+
+def test_the_api_names_each_bad_argument():
+    out = last_json(run_script("api_errors", env=child_env(**ON), timeout=120))
+    bad = {name: message for name, (rc, message) in ((k, v) for k, v in out.items() if isinstance(v, list)) if rc == -1}
+    assert bad == {
+        "get_stats(NULL)": "ctx and out must not be NULL",
+        "get_stats(ctx, NULL)": "ctx and out must not be NULL",
+        "get_segments(NULL)": "ctx is NULL",
+        "get_segments(out NULL, capacity 4)": "out is NULL with a capacity above 0",
+        "get_bitmap(seq -1)": "seq_id must be 0 or above, and bits not NULL with n_bytes above 0",
+        "get_bitmap(bits NULL, n_bytes 4)": "seq_id must be 0 or above, and bits not NULL with n_bytes above 0",
+        "get_settings(NULL)": "ctx is NULL",
+        "get_settings(ctx, NULL)": "out must not be NULL",
+        "set_settings(ctx, NULL)": "settings must not be NULL",
+        "set_settings(preset unterminated)": "preset is not NUL-terminated",
+        "set_compress_callback(NULL)": "ctx is NULL",
+    }
+    # a buffer too small is no error: the count of all, and the first segment written
+    assert out["get_segments(capacity 1)"][0] == (600 - 4 - WINDOW) // 16
+    assert out["first_segment"] == [4, 20]
+    assert out["native.get_stats(0)"] == "ctx is a null llama_context pointer"
 
 
 def test_sequence_operations_follow_the_compressed_blocks():

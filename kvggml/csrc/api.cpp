@@ -32,7 +32,11 @@ int32_t fail(const std::string & message) {
     return KVGGML_ERROR_ARGUMENT;
 }
 
-const char * kNoTier = "this context does not compress its KV cache (create it with OLLAMA_KV_COMPRESSION=1)";
+// Why ctx has no tier: a null pointer, or a context created without compression.
+std::string no_tier(const llama_context * ctx) {
+    return ctx ? "this context does not compress its KV cache (create it with OLLAMA_KV_COMPRESSION=1)"
+               : "ctx is NULL";
+}
 
 } // namespace
 
@@ -43,7 +47,7 @@ const char * kvggml_last_error(void) {
 int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(kNoTier);
+        return fail(no_tier(ctx));
     }
     if (out == nullptr && capacity > 0) {
         return fail("out is NULL with a capacity above 0");
@@ -70,7 +74,7 @@ int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kv
 int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(kNoTier);
+        return fail(no_tier(ctx));
     }
     if (seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
         return fail("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
@@ -95,7 +99,7 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
 int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback, void * user_data) {
     kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(kNoTier);
+        return fail(no_tier(ctx));
     }
     tier->on_compress = callback;
     tier->on_compress_data = user_data;
@@ -127,7 +131,7 @@ int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
 int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(kNoTier);
+        return fail(no_tier(ctx));
     }
     if (out == nullptr) {
         return fail("out must not be NULL");
@@ -145,7 +149,7 @@ int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * 
 int32_t kvggml_set_settings(struct llama_context * ctx, const kvggml_settings * settings) {
     kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(kNoTier);
+        return fail(no_tier(ctx));
     }
     if (settings == nullptr) {
         return fail("settings must not be NULL");
