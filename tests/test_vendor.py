@@ -166,3 +166,10 @@ def test_a_changed_compiler_reconfigures(tiny_project, tmp_path):
     assert vendor_module.configure(src, out, ["-G", "Ninja"], {**env, "CC": str(wrapper)})
     assert f"CMAKE_C_COMPILER:FILEPATH={wrapper}" in (out / "CMakeCache.txt").read_text()
     assert not vendor_module.configure(src, out, ["-G", "Ninja"], {**env, "CC": str(wrapper)})
+
+
+@pytest.mark.fast
+def test_an_unknown_variant_names_the_known_ones():
+    res = vendor("build", "debug")
+    assert res.returncode == 2
+    assert "build: unknown variant 'debug': expected one of stock, patched, sanitize" in res.stderr
