@@ -48,15 +48,13 @@ def build_features(llama_cpp: ModuleType) -> list[str]:
     return features
 
 
-def build_flags(bin_dir: Path) -> str | None:
-    """CMAKE_C_FLAGS of the build tree that holds bin_dir (None when it is not one of ours)."""
-    cache = bin_dir.parent / "CMakeCache.txt"
+def cmake_cache(build_tree: Path) -> dict[str, str]:
+    """The entries of a build tree's CMakeCache.txt, by name (empty when there is none)."""
+    cache = build_tree / "CMakeCache.txt"
     if not cache.is_file():
-        return None
-    for line in cache.read_text().splitlines():
-        if line.startswith("CMAKE_C_FLAGS:"):
-            return line.partition("=")[2]
-    return None
+        return {}
+    entries = (line.split("=", 1) for line in cache.read_text().splitlines() if "=" in line and line[0] not in "#/")
+    return {key.partition(":")[0]: value for key, value in entries}
 
 
 def report(llama_cpp: ModuleType, bin_dir: Path, patched: bool) -> dict:
@@ -64,7 +62,7 @@ def report(llama_cpp: ModuleType, bin_dir: Path, patched: bool) -> dict:
     out = {
         "host": host_cpu(),
         "build_features": build_features(llama_cpp),
-        "build_c_flags": build_flags(bin_dir),
+        "build_c_flags": cmake_cache(bin_dir.parent).get("CMAKE_C_FLAGS"),
         "codec_kernels": None,
     }
     if patched:

@@ -6,7 +6,7 @@ q4_0 caches and for each kvggml preset, the KV bytes a context of N tokens holds
 compressed part is an upper bound, within 0.1 % of what the library then holds), and
 with --memory the longest context that fits. The sizes follow llama.cpp's own rules for the
 pinned source: contexts padded to 256 cells, sliding-window caches of
-min(n_ctx, n_swa * n_seq + n_ubatch) cells, and kvggml's exact cells
+min(n_ctx, n_swa + n_ubatch) cells (one sequence), and kvggml's exact cells
 (kvggml/csrc/llama-hooks.cpp, kvggml_cache_cells).
 """
 
@@ -17,6 +17,7 @@ import functools
 import mmap
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,22 @@ CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 # Sliding-window layouts llama.cpp sets in code rather than reading from the GGUF
 # (llama_hparams::set_swa_pattern(n): every n-th layer, the last of each n, has full attention).
 SWA_PATTERNS = {"gemma3": 6}
+# struct formats of GGUF's scalar value types, by gguf's GGUFValueType names.
+SCALAR_FORMATS = {
+    "UINT8": "B",
+    "INT8": "b",
+    "UINT16": "H",
+    "INT16": "h",
+    "UINT32": "I",
+    "INT32": "i",
+    "FLOAT32": "f",
+    "BOOL": "?",
+    "UINT64": "Q",
+    "INT64": "q",
+    "FLOAT64": "d",
+}
+# One sequence, and llama.cpp's default micro-batches (llama-cpp-python's n_batch 512).
+N_BATCH = N_UBATCH = 512
 UNITS = {
     "": 1,
     "b": 1,
@@ -112,12 +129,11 @@ class KVShape:
 
 def gguf_metadata(path: Path) -> dict[str, object]:
     """The GGUF's key-value section, but for the tokenizer's arrays (skipped). gguf's own GGUFReader
-    parses every vocabulary entry, 12 s for Gemma 3's 262k tokens; this reads the same bytes with
-    gguf's type table in well under a second."""
+    parses every vocabulary entry, 12 s for Gemma 3's 262k tokens; this reads the same bytes, by
+    gguf's value types, in well under a second."""
     from gguf import GGUF_MAGIC, GGUFValueType
-    from gguf.gguf_writer import GGUFWriter
 
-    formats = GGUFWriter._simple_value_packing
+    formats = {GGUFValueType[name]: fmt for name, fmt in SCALAR_FORMATS.items()}
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             offset = 0
@@ -180,8 +196,6 @@ def parse_bytes(raw: str) -> int:
 class Footprint:
     """KV bytes of one setting at one context, split the way the library accounts them."""
 
-    setting: str
-    n_ctx: int
     exact_bytes: int  # f16 (or stock's type) cells of the full-attention layers
     compressed_bytes: int  # kvggml's blocks
     window_bytes: int  # the sliding-window layers' cells (stock's type; f16 with kvggml)
@@ -191,19 +205,15 @@ class Footprint:
         return self.exact_bytes + self.compressed_bytes + self.window_bytes
 
 
-def window_cells(shape: KVShape, n_ctx: int, n_seq: int, n_ubatch: int) -> int:
-    return pad(min(n_ctx, shape.n_swa * n_seq + n_ubatch), 256) if any(shape.sliding) else 0
+def window_cells(shape: KVShape, n_ctx_seq: int) -> int:
+    return pad(min(n_ctx_seq, shape.n_swa + N_UBATCH), 256) if any(shape.sliding) else 0
 
 
-def stock_footprint(shape: KVShape, cache_type: str, n_ctx: int, n_seq: int = 1, n_ubatch: int = 512) -> Footprint:
+def stock_footprint(shape: KVShape, cache_type: str, n_ctx: int) -> Footprint:
     cells = pad(n_ctx, 256)
     per = CACHE_TYPES[cache_type]
     return Footprint(
-        f"stock {cache_type}",
-        n_ctx,
-        int(cells * shape.width(False) * per),
-        0,
-        int(window_cells(shape, cells, n_seq, n_ubatch) * shape.width(True) * per),
+        int(cells * shape.width(False) * per), 0, int(window_cells(shape, cells) * shape.width(True) * per)
     )
 
 
@@ -219,44 +229,34 @@ def block_bytes(config: CompressionConfig, channels: int) -> int:
     return len(codec.encode_block(block, channels))
 
 
-def kvggml_footprint(
-    shape: KVShape,
-    config: CompressionConfig,
-    n_ctx: int,
-    n_read: int | None = None,
-    n_seq: int = 1,
-    n_batch: int = 512,
-    n_ubatch: int = 512,
-) -> Footprint:
-    """A context of n_ctx tokens per sequence with compression on, once n_read tokens of each
-    sequence were read (default: all n_ctx)."""
+def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_read: int | None = None) -> Footprint:
+    """A context of n_ctx tokens with compression on, once n_read of them were read (default: all)."""
     n_ctx_seq = pad(n_ctx, 256)
-    cells = min(pad((config.sinks + config.threshold + config.block_tokens) * n_seq + n_batch, 32), n_ctx_seq)
+    cells = min(pad(config.sinks + config.threshold + config.block_tokens + N_BATCH, 32), n_ctx_seq)
     n_read = n_ctx if n_read is None else n_read
-    old = max(0, n_read - config.sinks - config.threshold) // config.block_tokens  # whole blocks per sequence
+    old = max(0, n_read - config.sinks - config.threshold) // config.block_tokens  # whole blocks
     per_block = sum(
         block_bytes(config, k) + block_bytes(config, v)
         for k, v, s in zip(shape.k_widths, shape.v_widths, shape.sliding, strict=True)
         if not s
     )
     return Footprint(
-        f"kvggml {config.preset}",
-        n_ctx,
-        cells * shape.width(False) * 2,
-        old * n_seq * per_block,
-        window_cells(shape, n_ctx_seq, n_seq, n_ubatch) * shape.width(True) * 2,
+        cells * shape.width(False) * 2, old * per_block, window_cells(shape, n_ctx_seq) * shape.width(True) * 2
     )
 
 
-def footprints(shape: KVShape, config: CompressionConfig, n_ctx: int) -> list[Footprint]:
-    """Stock's three cache types, then each kvggml preset with config's window, sinks and level."""
-    return [
-        *(stock_footprint(shape, t, n_ctx) for t in CACHE_TYPES),
-        *(kvggml_footprint(shape, dataclasses.replace(config, preset=p), n_ctx) for p in PRESETS),
-    ]
+def settings(shape: KVShape, config: CompressionConfig) -> dict[str, Callable[[int], Footprint]]:
+    """Each setting's footprint as a function of n_ctx: stock's three cache types, then each kvggml
+    preset with config's window, sinks and level."""
+    stock = {f"stock {t}": functools.partial(stock_footprint, shape, t) for t in CACHE_TYPES}
+    kvggml = {
+        f"kvggml {p}": functools.partial(kvggml_footprint, shape, dataclasses.replace(config, preset=p))
+        for p in PRESETS
+    }
+    return {**stock, **kvggml}
 
 
-def longest_context(size_at, memory: int, limit: int = 1 << 24) -> int:
+def longest_context(size_at: Callable[[int], int], memory: int, limit: int = 1 << 24) -> int:
     """The largest n_ctx in [0, limit] with size_at(n_ctx) <= memory (size_at never decreases)."""
     lo, hi = 0, limit
     while lo < hi:
@@ -271,37 +271,27 @@ def plan(path: Path, n_ctx: int, config: CompressionConfig, memory: int | None =
     if n_ctx < 1:
         raise PlanError(f"--ctx {n_ctx} is out of range: expected an integer of 1 or more")
     shape = KVShape.from_gguf(path)
+    f16 = stock_footprint(shape, "f16", n_ctx).total
     rows = []
-    for fp in footprints(shape, config, n_ctx):
+    for name, footprint_at in settings(shape, config).items():
+        fp = footprint_at(n_ctx)
         row = {
-            "setting": fp.setting,
+            "setting": name,
             "kv_bytes": fp.total,
+            "vs_f16": fp.total / f16,
             "exact_bytes": fp.exact_bytes,
             "compressed_bytes": fp.compressed_bytes,
             "window_bytes": fp.window_bytes,
         }
         if memory is not None:
-            if fp.setting.startswith("stock"):
-                cache_type = fp.setting.split()[1]
-                row["longest_context"] = longest_context(
-                    lambda n, t=cache_type: stock_footprint(shape, t, n).total, memory
-                )
-            else:
-                preset = dataclasses.replace(config, preset=fp.setting.split()[1])
-                row["longest_context"] = longest_context(
-                    lambda n, c=preset: kvggml_footprint(shape, c, n).total, memory
-                )
+            row["longest_context"] = longest_context(lambda n, at=footprint_at: at(n).total, memory)
         rows.append(row)
-    f16 = rows[0]["kv_bytes"]
-    for row in rows:
-        row["vs_f16"] = row["kv_bytes"] / f16
-    full = [il for il, s in enumerate(shape.sliding) if not s]
     return {
         "model": shape.name,
         "architecture": shape.architecture,
         "context_length": shape.context_length,
         "layers": len(shape.sliding),
-        "full_attention_layers": full,
+        "full_attention_layers": [il for il, s in enumerate(shape.sliding) if not s],
         "sliding_window": shape.n_swa,
         "k_widths": sorted(set(shape.k_widths)),
         "v_widths": sorted(set(shape.v_widths)),

@@ -50,9 +50,8 @@ SERIES_STAMP = "kvggml-series"  # inside .git of the patched checkout
 # Records the options and compilers a build tree was configured with: any change reconfigures it.
 CONFIGURE_STAMP = ".kvggml-configure"
 
-# x86 only: other compilers do not know these flags.
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-NO_AMX_FLAGS = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"] if X86 else []
+NO_AMX_FLAGS = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 TARGETS = ["llama", "llama-perplexity", "llama-bench"]
 CMAKE_OPTIONS = [
     "-G",
@@ -68,7 +67,7 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_TOOLS=ON",
     # No AMX kernels in either tree: on AMX CPUs (Sapphire Rapids and later) ggml's AMX matmul
     # crashes stock and patched alike (llama.cpp #20824). Explicit -mno-* flags win over
-    # -march=native whatever their order, in GCC and Clang.
+    # -march=native whatever their order, in GCC and Clang. x86 only: other compilers do not know them.
     *([f"-DCMAKE_C_FLAGS={' '.join(NO_AMX_FLAGS)}", f"-DCMAKE_CXX_FLAGS={' '.join(NO_AMX_FLAGS)}"] if X86 else []),
 ]
 # What each build adds. `sanitize` is the patched tree with AddressSanitizer and UBSan on libllama

@@ -7,6 +7,7 @@ program of tests/scripts/ in a process of their own (`run_script`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 PATCHED = os.environ.get("KVGGML_TEST_PATCHED", "patched")
 
 
+@functools.cache
 def sanitizer_env() -> dict[str, str]:
     runtimes = [
         subprocess.run(["cc", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()

@@ -9,7 +9,16 @@ from conftest import child_env, run_cli
 
 from kvggml.config import CompressionConfig
 from kvggml.model import default_model_path, gemma3_model_path
-from kvggml.plan import KVShape, PlanError, kvggml_footprint, longest_context, parse_bytes, plan, stock_footprint
+from kvggml.plan import (
+    KVShape,
+    PlanError,
+    kvggml_footprint,
+    longest_context,
+    parse_bytes,
+    plan,
+    settings,
+    stock_footprint,
+)
 
 pytestmark = pytest.mark.fast
 MIB = 1 << 20
@@ -46,16 +55,12 @@ def test_kvggml_exact_cells_stop_growing_and_blocks_grow_with_the_context():
 def test_the_longest_context_is_the_largest_that_fits():
     assert longest_context(lambda n: 3 * n, 100) == 33
     shape = KVShape.from_gguf(default_model_path())
-    report = plan(default_model_path(), 8192, CompressionConfig(enabled=True), memory=64 * MIB)
+    config = CompressionConfig(enabled=True)
+    report = plan(default_model_path(), 8192, config, memory=64 * MIB)
+    footprint_at = settings(shape, config)
     for row in report["settings"]:
-        kind, name = row["setting"].split()
-        config = None if kind == "stock" else CompressionConfig(enabled=True, preset=name)
-
-        def size(m: int, name=name, config=config) -> int:
-            return (stock_footprint(shape, name, m) if config is None else kvggml_footprint(shape, config, m)).total
-
         n = row["longest_context"]
-        assert size(n) <= 64 * MIB < size(n + 1)
+        assert footprint_at[row["setting"]](n).total <= 64 * MIB < footprint_at[row["setting"]](n + 1).total
     by = {row["setting"]: row["longest_context"] for row in report["settings"]}
     assert by["kvggml balanced"] > by["stock q8_0"] > by["stock f16"]
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kvggml.cpu import cmake_cache
+
 REPO = Path(__file__).resolve().parent.parent
 VENDOR = [sys.executable, str(REPO / "scripts" / "vendor.py")]
 _spec = importlib.util.spec_from_file_location("vendor", REPO / "scripts" / "vendor.py")
@@ -71,18 +73,10 @@ AMX_INSTRUCTIONS = re.compile(
 )
 
 
-def cmake_cache(variant: str) -> dict[str, str]:
-    path = REPO / "build" / variant / "CMakeCache.txt"
-    entries = (
-        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith(("#", "//"))
-    )
-    return {key.split(":")[0]: value for key, value in entries}
-
-
 @pytest.mark.skipif(not vendor_module.X86, reason="AMX is x86 only")
 @pytest.mark.parametrize("variant", ["stock", "patched"])
 def test_both_builds_are_configured_without_amx(variant):
-    cache = cmake_cache(variant)
+    cache = cmake_cache(REPO / "build" / variant)
     for lang in ("C", "CXX"):
         assert set(vendor_module.NO_AMX_FLAGS) <= set(cache[f"CMAKE_{lang}_FLAGS"].split()), cache[
             f"CMAKE_{lang}_FLAGS"
@@ -99,9 +93,9 @@ def predefined_macros(compiler: str, *flags: str) -> set[str]:
 @pytest.mark.parametrize("variant", ["stock", "patched"])
 def test_the_build_flags_turn_amx_off_on_an_amx_cpu(variant):
     # Whatever this machine's CPU: -march=sapphirerapids is what -march=native gives on an AMX one.
-    compiler = cmake_cache(variant)["CMAKE_C_COMPILER"]
+    compiler = cmake_cache(REPO / "build" / variant)["CMAKE_C_COMPILER"]
     assert set(AMX_MACROS) <= predefined_macros(compiler, "-march=sapphirerapids")
-    flags = cmake_cache(variant)["CMAKE_C_FLAGS"].split()
+    flags = cmake_cache(REPO / "build" / variant)["CMAKE_C_FLAGS"].split()
     # CMake puts CMAKE_C_FLAGS before ggml's -march=native; either order must do
     assert not set(AMX_MACROS) & predefined_macros(compiler, *flags, "-march=sapphirerapids")
     assert not set(AMX_MACROS) & predefined_macros(compiler, "-march=sapphirerapids", *flags)

@@ -35,6 +35,7 @@ void decode_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         }
     }
 }
+
 } // namespace
 
 // Visible-or-not of every compressed token for every query token of the micro-batch.
@@ -81,6 +82,7 @@ public:
     ggml_tensor * joined = nullptr; // mask in front of llama.cpp's own, shared by every layer
     const uint64_t generation;
 };
+
 void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const {
     const int64_t head_dim = kv.hparams.n_embd_head_k(kv.layers.front().il);
     const int half = rope.n_rot / 2;
@@ -166,6 +168,7 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
         decode_us += now_us() - t0;  // thread 0's share: a sample of the op's wall time
     }
 }
+
 void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
                       ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
     const int64_t n_comp = tier.n_tokens();

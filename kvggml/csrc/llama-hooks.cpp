@@ -29,6 +29,7 @@ llama_kv_cache * compressible_cache(llama_memory_i * memory) {
     }
     return dynamic_cast<llama_kv_cache *>(memory);
 }
+
 } // namespace kvggml
 
 // Context creation refused: llama.cpp logs why and returns null ("failed to create context"), but
@@ -77,14 +78,14 @@ void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams) {
         return;
     }
     llama_kv_cache * kv = kvggml::compressible_cache(memory);
+    if (kv == nullptr) {
+        refuse(std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with a full-attention KV cache (plain "
+                                     "or beside sliding-window layers); this model's memory is recurrent or hybrid"));
+    }
     try {
-        if (kv == nullptr) {
-            throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 supports models with a full-attention KV cache (plain "
-                                        "or beside sliding-window layers); this model's memory is recurrent or hybrid");
-        }
         kv->kvggml_tier = std::make_shared<Tier>(cfg, *kv, cparams);
     } catch (const std::invalid_argument & err) {
-        refuse(err);
+        refuse(err);  // the model's cache cannot take compression: Tier says why
     }
     LLAMA_LOG_INFO("%s: kvggml compression on: window %u, sinks %u, level %u, preset %s, %u f16 cells for n_ctx %u\n",
                    __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), cparams.n_ctx_seq);

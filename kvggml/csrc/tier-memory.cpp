@@ -23,6 +23,7 @@ void normalise_range(llama_pos & p0, llama_pos & p1) {
         p1 = std::numeric_limits<llama_pos>::max();
     }
 }
+
 } // namespace
 
 void Tier::clear() {

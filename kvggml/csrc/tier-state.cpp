@@ -24,6 +24,7 @@ struct Fnv1a {
         }
     }
 };
+
 } // namespace
 
 void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {

@@ -43,6 +43,7 @@ kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t he
     std::copy(bits.begin(), bits.begin() + cfg.level + 1, p.bits);
     return p;
 }
+
 } // namespace
 
 uint64_t now_us() {
@@ -61,6 +62,7 @@ BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels) 
     }
     return *codec;
 }
+
 bool Block::empty() const {
     return std::none_of(pos.begin(), pos.end(), [](llama_pos p) { return p >= 0; });
 }
@@ -84,6 +86,7 @@ llama_pos Block::end() const {
 bool Block::holds(llama_pos p0, llama_pos p1) const {
     return std::any_of(pos.begin(), pos.end(), [&](llama_pos p) { return p >= 0 && p >= p0 && p < p1; });
 }
+
 Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cparams)
     : kv(kv), cfg(config), cells_for_recent(config.sinks + config.threshold), n_ctx(cparams.n_ctx_seq) {
     if (kv.n_stream != 1) {
@@ -193,6 +196,7 @@ uint64_t Tier::n_alive() const {
     }
     return n;
 }
+
 void Tier::compress() {
     const std::vector<Run> runs = old_runs();
     if (runs.empty()) {
