@@ -2,7 +2,8 @@
 """Write the golden vectors of the wavelet block codec into tests/vectors/ (format: tests/vectors/README.md).
 
 Valid cases: <case>.in.bin (f16 input), <case>.bin (encoded block), <case>.out.bin (decoded f32),
-listed with their configuration in manifest.txt. Malformed blocks: invalid/<defect>.bin, listed
+listed with their configuration in manifest.txt. Coarsened blocks (FORMAT.md section 10):
+coarsen/<case>.bin, listed in coarsen/manifest.txt with the valid case they come from and their widths. Malformed blocks: invalid/<defect>.bin, listed
 in invalid/manifest.txt with a word the reference's error message contains.
 Deterministic: rerunning rewrites identical files.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvggml.codecs import CODECS, HaarCodec, decode_block
+from kvggml.codecs import CODECS, HaarCodec, coarsen_block, decode_block
 
 VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors"
 TOKENS, CHANNELS, HEAD_DIM = 16, 64, 32  # most cases: a 16-token block of 2 heads x 32
@@ -104,6 +105,23 @@ def valid_cases() -> list[tuple[str, str, HaarCodec, int, np.ndarray]]:
     return cases
 
 
+# (case, source case, new widths, description)
+COARSEN_CASES = [
+    ("unchanged", "normal", (6, 4, 3, 3, 3), "the same widths: the same bytes"),
+    ("drop_finest", "normal", (6, 4, 3, 3, 0), "D_1 dropped"),
+    ("narrow_finest", "normal", (6, 4, 3, 2, 2), "D_2 and D_1 narrowed to 2 bits"),
+    ("approximation_only", "normal", (6, 0, 0, 0, 0), "every detail dropped"),
+    ("narrow_approximation", "normal", (4, 3, 3, 3, 3), "A_L and D_L narrowed"),
+    ("hi_ladder", "preset_haar-hi", (8, 7, 6, 5, 2), "hi preset, D_1 from 4 to 2 bits"),
+    ("saturated", "f16_max", (6, 4, 3, 2, 0), "scales at 65504, narrowed and dropped"),
+    ("subnormal", "f16_subnormal", (3, 2, 2, 2, 2), "subnormal scales quantized again"),
+    ("absent_groups", "smooth_threshold", (6, 2, 2, 2, 2), "absent detail groups stay absent"),
+    ("already_dropped", "dropped_subbands", (8, 0, 2, 0), "subbands dropped at encoding stay dropped"),
+    ("padding", "odd_sizes", (2, 2), "3-channel groups: bitmap and value padding"),
+    ("zeros", "zeros", (6, 4, 3, 3, 0), "every group absent"),
+]
+
+
 def invalid_cases() -> list[tuple[str, bytes, str]]:
     """(defect, bytes, word of the error message), each one defect away from a valid block."""
     rng = np.random.default_rng(7)
@@ -163,6 +181,13 @@ def main() -> None:
             " ".join(map(str, [name, codec.levels, codec.group, rotation, block.shape[1], threshold, *codec.bits])),
         ]
     (VECTORS / "manifest.txt").write_text("\n".join(manifest) + "\n")
+
+    (VECTORS / "coarsen").mkdir(exist_ok=True)
+    coarsened = ["# case source-case bits'[0..L]"]
+    for name, source, bits, description in COARSEN_CASES:
+        (VECTORS / "coarsen" / f"{name}.bin").write_bytes(coarsen_block((VECTORS / f"{source}.bin").read_bytes(), bits))
+        coarsened += [f"# {name}: {description}", " ".join(map(str, [name, source, *bits]))]
+    (VECTORS / "coarsen" / "manifest.txt").write_text("\n".join(coarsened) + "\n")
 
     invalid = ["# file expected-word-of-the-error"]
     for defect, data, word in invalid_cases():

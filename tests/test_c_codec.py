@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_script
 
-from kvggml.codecs import HaarCodec, decode_block
+from kvggml.codecs import HaarCodec, coarsen_block, decode_block
 from kvggml.library import library_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,7 @@ def bind(path: str) -> ctypes.CDLL:
         "kvggml_codec_encode_block_f16": (ctypes.c_int64, [params, ptr, size, i32, ptr, size]),
         "kvggml_codec_decode_block": (i32, [ctypes.c_char_p, size, i32, ptr, size, ctypes.POINTER(i32)]),
         "kvggml_codec_decode_block_f16": (i32, [ctypes.c_char_p, size, i32, ptr, size, size, ctypes.POINTER(i32)]),
+        "kvggml_codec_coarsen_block": (ctypes.c_int64, [ctypes.c_char_p, size, i32, ctypes.c_char_p, size, ptr, size]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -138,6 +139,27 @@ def check_vectors(lib) -> int:
     return count
 
 
+def coarsen(lib, data: bytes, bits, capacity: int | None = None) -> tuple[int, bytes]:
+    """(return code, coarsened bytes) of kvggml_codec_coarsen_block."""
+    channels = int.from_bytes(data[4:6], "little")
+    out = ctypes.create_string_buffer(max(len(data) if capacity is None else capacity, 1))
+    rc = lib.kvggml_codec_coarsen_block(
+        data, len(data), channels, bytes(bits), len(bits), out, len(out) if capacity is None else capacity
+    )
+    return rc, out.raw[: max(rc, 0)]
+
+
+def check_coarsen_vectors(lib) -> int:
+    count = 0
+    for line in (VECTORS / "coarsen" / "manifest.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, source, *bits = line.split()
+            rc, data = coarsen(lib, (VECTORS / f"{source}.bin").read_bytes(), [int(b) for b in bits])
+            assert rc > 0 and data == (VECTORS / "coarsen" / f"{name}.bin").read_bytes(), f"coarsen/{name}: {rc}"
+            count += 1
+    return count
+
+
 def check_invalid(lib) -> int:
     count = 0
     for line in (VECTORS / "invalid" / "manifest.txt").read_text().splitlines():
@@ -205,6 +227,36 @@ def codec_lib(standalone_path) -> ctypes.CDLL:
 
 def test_golden_vectors(codec_lib):
     assert check_vectors(codec_lib) >= 15
+
+
+def test_coarsening_golden_vectors(codec_lib):
+    assert check_coarsen_vectors(codec_lib) >= 10
+
+
+def test_random_coarsenings_match_the_reference(codec_lib):
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        levels = int(rng.integers(0, 6))
+        head_dim = int(rng.choice([16, 32, 64]))
+        channels = head_dim * int(rng.integers(1, 4))
+        group = int(rng.choice([g for g in (4, 8, 16, 32, 64) if channels % g == 0]))
+        bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
+        codec = HaarCodec(levels=levels, bits=bits, group=group, threshold=float(rng.choice([0.0, 0.5])))
+        x = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
+        data = codec.encode_block(x.astype(np.float32), head_dim)
+        narrower = tuple(0 if b == 0 else int(rng.choice([0, *range(2, b + 1)])) for b in bits)
+        assert coarsen(codec_lib, data, narrower) == (len(coarsen_block(data, narrower)), coarsen_block(data, narrower))
+
+
+def test_coarsening_refuses_what_it_cannot_do(codec_lib):
+    data = (VECTORS / "normal.bin").read_bytes()  # widths 6.4.3.3.3
+    assert error_name(codec_lib, coarsen(codec_lib, data, [6, 5, 3, 3, 3])[0]) == "bits out of range"  # wider
+    assert error_name(codec_lib, coarsen(codec_lib, data, [6, 4, 1, 3, 3])[0]) == "bits out of range"
+    assert error_name(codec_lib, coarsen(codec_lib, data, [6, 4, 3, 3])[0]) == "invalid argument"  # L + 1 widths
+    assert (
+        error_name(codec_lib, coarsen(codec_lib, data, [6, 4, 3, 3, 0], len(data) - 1)[0]) == "output buffer too small"
+    )
+    assert error_name(codec_lib, coarsen(codec_lib, data[:-1], [6, 4, 3, 3, 0])[0]) == "truncated data"
 
 
 def test_malformed_blocks_are_rejected(codec_lib):
@@ -284,8 +336,8 @@ def test_api_contract(codec_lib):
 def test_the_patched_library_carries_the_same_codec():
     path = library_dir("patched") / "libllama.so"
     res = run_script("codec_in_library", str(path), timeout=300)
-    vectors, invalid = map(int, res.stdout.split())
-    assert vectors >= 15 and invalid >= 20
+    vectors, invalid, coarsened = map(int, res.stdout.split())
+    assert vectors >= 15 and invalid >= 20 and coarsened >= 10
 
 
 def test_the_codec_benchmark_builds_runs_and_refuses_bad_arguments(tmp_path):

@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvggml.codecs import CODECS, Q4_0, Q8_0, HaarCodec, Kivi, Pooling, decode_block, hadamard_rotate, parse_codec
+from kvggml.codecs import (
+    CODECS,
+    Q4_0,
+    Q8_0,
+    HaarCodec,
+    Kivi,
+    Pooling,
+    coarsen_block,
+    decode_block,
+    hadamard_rotate,
+    parse_codec,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -76,6 +87,47 @@ def test_golden_vector(case):
     as_layer = block.reshape(len(block), channels // rotation, rotation)
     out, size = codec.roundtrip(as_layer, "k")
     assert bits_equal(out.reshape(block.shape), decoded) and size == len(encoded)
+
+
+def coarsen_cases() -> list[tuple[str, str, tuple[int, ...]]]:
+    lines = (VECTORS / "coarsen" / "manifest.txt").read_text().splitlines()
+    return [
+        (name, source, tuple(map(int, bits))) for name, source, *bits in (ln.split() for ln in lines if ln[:1] != "#")
+    ]
+
+
+@pytest.mark.parametrize("case", coarsen_cases(), ids=lambda case: case[0])
+def test_coarsening_golden_vector(case):
+    name, source, bits = case
+    data = (VECTORS / f"{source}.bin").read_bytes()
+    coarse = coarsen_block(data, bits)
+    assert coarse == (VECTORS / "coarsen" / f"{name}.bin").read_bytes()
+    assert len(coarse) <= len(data) and coarse[8:][: len(bits)] == bytes(bits)
+    if tuple(data[8 : 8 + len(bits)]) == bits:
+        assert coarse == data
+
+
+def test_coarsening_keeps_kept_subbands_and_drops_the_rest():
+    codec = HaarCodec()  # balanced: 6.4.3.3.3
+    x = smooth_layer(n_tokens=16, heads=4, head_dim=64, seed=3).reshape(16, 256)
+    data = codec.encode_block(x, 64)
+    full, coarse = decode_block(data), decode_block(coarsen_block(data, (6, 4, 3, 3, 0)))
+    # D_1 dropped: each pair of tokens becomes its mean, exactly what the kept subbands say
+    pairs = full.reshape(8, 2, 256).mean(axis=1)
+    assert np.allclose(coarse.reshape(8, 2, 256), pairs[:, None], atol=1e-5)
+    # narrowed: the same rows, values quantized again, so close to the block but not equal
+    narrowed = decode_block(coarsen_block(data, (6, 4, 3, 3, 2)))
+    assert 0 < np.abs(narrowed - full).mean() < 0.1 * np.abs(full).mean()
+
+
+@pytest.mark.parametrize(
+    "bits, message",
+    [((6, 4, 3, 3), "needs 5 widths"), ((6, 5, 3, 3, 3), "from width 4 to 5"), ((6, 4, 1, 3, 3), "to 1")],
+)
+def test_coarsening_refuses_widths_it_cannot_reach(bits, message):
+    data = (VECTORS / "normal.bin").read_bytes()
+    with pytest.raises(ValueError, match=message):
+        coarsen_block(data, bits)
 
 
 def invalid_cases() -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ from kvggml.codecs.base import Codec
 from kvggml.codecs.eviction import Eviction
 from kvggml.codecs.ggml_quant import Q4_0, Q8_0
 from kvggml.codecs.haar import HaarCodec
-from kvggml.codecs.haar_format import decode_block
+from kvggml.codecs.haar_format import coarsen_block, decode_block
 from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.codecs.identity import Identity
 from kvggml.codecs.kivi import Kivi
@@ -32,6 +32,7 @@ __all__ = [
     "Q4_0",
     "Kivi",
     "Pooling",
+    "coarsen_block",
     "decode_block",
     "hadamard_rotate",
     "parse_codec",

@@ -102,8 +102,59 @@ def reconstruct(
     return hadamard_rotate(decoded, rotation) if rotation > 1 else decoded
 
 
+@dataclass
+class ParsedBlock:
+    """One serialized block, checked (section 7): its header and its quantized subbands."""
+
+    levels: int
+    channels: int
+    group: int
+    rotation: int
+    bands: list[Band | None]  # [A_L, D_L, ..., D_1], each with one block; None: width 0
+
+    def decode(self) -> np.ndarray:
+        return reconstruct(self.bands, 1, self.levels, self.channels, self.group, self.rotation)[0]
+
+    def pack(self) -> bytes:
+        return pack_block(self.bands, self.channels, self.group, self.rotation)
+
+
+def coarsen_bands(bands: list[Band | None], bits: tuple[int, ...]) -> list[Band | None]:
+    """Section 10: subbands narrowed to `bits` from their stored coefficients (any number of blocks)."""
+    if len(bits) != len(bands):
+        raise ValueError(f"coarsening needs {len(bands)} widths (A_L, D_L, ..., D_1), got {len(bits)}")
+    out: list[Band | None] = []
+    for index, (band, width) in enumerate(zip(bands, bits, strict=True)):
+        have = 0 if band is None else band.bits
+        if width == 1 or width > have:
+            raise ValueError(
+                f"bits out of range: subband {index} cannot go from width {have} to {width} (allowed 0, or 2 to {have})"
+            )
+        if width == have or band is None:
+            out.append(band if width else None)
+        elif width == 0:
+            out.append(None)
+        else:
+            coef = band.q.astype(np.float32) * f16_bits_to_f32(band.scale_bits)[..., None]
+            group_max = np.abs(coef).max(axis=3)
+            out.append(quantize_band(coef, group_max, group_max > 0, width))
+    return out
+
+
+def coarsen_block(data: bytes, bits: tuple[int, ...]) -> bytes:
+    """One serialized block re-encoded with narrower subbands (section 10)."""
+    block = parse_block(data)
+    block.bands = coarsen_bands(block.bands, tuple(bits))
+    return block.pack()
+
+
 def decode_block(data: bytes) -> np.ndarray:
     """Decode one serialized block (docs/FORMAT.md) to float32 (B, C); ValueError names what is malformed."""
+    return parse_block(data).decode()
+
+
+def parse_block(data: bytes) -> ParsedBlock:
+    """Check one serialized block (section 7) and read its subbands; ValueError names what is malformed."""
     data = bytes(data)
     if len(data) < 8:
         raise ValueError(f"truncated header: {len(data)} bytes, the fixed header alone is 8")
@@ -187,4 +238,4 @@ def decode_block(data: bytes) -> np.ndarray:
         q = np.zeros((1, rows, groups, group), np.int32)
         q[band_present] = values.reshape(count, group)
         bands.append(Band(bits, band_present, scale_bits, q))
-    return reconstruct(bands, 1, levels, channels, group, 1 << rotation_log2)[0]
+    return ParsedBlock(levels, channels, group, 1 << rotation_log2, bands)

@@ -198,6 +198,24 @@ UnpackGroup unpacker(int b) {
 
 uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
 
+float group_max(const float * y, int32_t G) {
+    float amax = 0.0f;
+    for (int32_t j = 0; j < G; ++j) {
+        amax = std::max(amax, std::fabs(y[j]));
+    }
+    return amax;
+}
+
+// Section 4, step 3: the smallest f16 >= amax / qmax of width b, saturated at 65504.
+uint16_t scale_for(float amax, int b) {
+    const float m = std::fmin(amax / (float) ((1 << (b - 1)) - 1), kF16Max);
+    uint16_t h = fp32_to_fp16(m);
+    if (fp16_to_fp32(h) < m) {
+        ++h;
+    }
+    return h;
+}
+
 } // namespace
 
 // Section 2. The butterflies of one stage touch disjoint pairs, so visiting them span by span
@@ -306,6 +324,7 @@ BlockCodec::BlockCodec(const kvggml_codec_params & p, int32_t channels) : params
     q.resize((size_t) B * C);
     present.resize((size_t) B * N);
     scales.reserve((size_t) B * N);
+    group_scale.resize((size_t) B * N);
 }
 
 size_t BlockCodec::encode_f16(const uint16_t * rows, size_t row_stride_elems, uint8_t * out) {
@@ -332,14 +351,44 @@ size_t BlockCodec::encode(const float * x, uint8_t * out) {
     for (int32_t g = 0; g < N; ++g) {
         float m = 0.0f;
         for (int32_t r = 0; r < rows_of(B, L, 0); ++r) {
-            const float * y = work.data() + (size_t) r * C + g * G;
-            for (int32_t j = 0; j < G; ++j) {
-                m = std::max(m, std::fabs(y[j]));
-            }
+            m = std::max(m, group_max(work.data() + (size_t) r * C + g * G, G));
         }
         ref[g] = m;
     }
 
+    // presence, scale and values of every coded group, in group order (section 4)
+    size_t n_groups = 0;
+    scales.clear();  // capacity B * N, reserved once
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = params.bits[k];
+        if (b == 0) {
+            continue;
+        }
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++n_groups) {
+                const float * y = work.data() + (size_t) r * C + g * G;
+                const float amax = group_max(y, G);
+                present[n_groups] = k == 0 ? amax > 0.0f : amax > params.threshold * ref[g];
+                if (present[n_groups]) {
+                    quantize_group(y, scale_for(amax, b), b, q.data() + (size_t) r * C + g * G);
+                }
+            }
+        }
+    }
+    return pack(params.bits, out);
+}
+
+void BlockCodec::quantize_group(const float * y, uint16_t h, int b, int32_t * qg) {
+    const float qmax = (float) ((1 << (b - 1)) - 1);
+    const float d = fp16_to_fp32(h);
+    scales.push_back(h);
+    for (int32_t j = 0; j < params.group; ++j) {
+        qg[j] = (int32_t) std::fmin(std::fmax(std::rint(y[j] / d), -qmax), qmax);
+    }
+}
+
+size_t BlockCodec::pack(const uint8_t * bits, uint8_t * out) const {
+    const int32_t L = params.levels, G = params.group;
     out[0] = kMagic;
     out[1] = kVersion;
     out[2] = (uint8_t) L;
@@ -352,48 +401,12 @@ size_t BlockCodec::encode(const float * x, uint8_t * out) {
     out[5] = (uint8_t) (C >> 8);
     out[6] = (uint8_t) (G & 0xFF);
     out[7] = (uint8_t) (G >> 8);
+    size_t n_groups = 0;
     for (int32_t k = 0; k <= L; ++k) {
-        out[8 + k] = params.bits[k];
+        out[8 + k] = bits[k];
+        n_groups += bits[k] ? (size_t) rows_of(B, L, k) * N : 0;
     }
     size_t pos = 9 + L;
-
-    // presence, scale and values of every coded group, in group order (section 4); the
-    // bitmap's and the scales' sizes are known only at the end, so values wait in q
-    size_t n_groups = 0;
-    scales.clear();  // capacity B * N, reserved once
-    for (int32_t k = 0; k <= L; ++k) {
-        const int b = params.bits[k];
-        if (b == 0) {
-            continue;
-        }
-        const float qmax = (float) ((1 << (b - 1)) - 1);
-        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
-            for (int32_t g = 0; g < N; ++g, ++n_groups) {
-                const float * y = work.data() + (size_t) r * C + g * G;
-                float amax = 0.0f;
-                for (int32_t j = 0; j < G; ++j) {
-                    amax = std::max(amax, std::fabs(y[j]));
-                }
-                const bool is_present = k == 0 ? amax > 0.0f : amax > params.threshold * ref[g];
-                present[n_groups] = is_present;
-                if (!is_present) {
-                    continue;
-                }
-                // the smallest f16 >= amax / qmax, saturated at 65504
-                const float m = std::fmin(amax / qmax, kF16Max);
-                uint16_t h = fp32_to_fp16(m);
-                if (fp16_to_fp32(h) < m) {
-                    ++h;
-                }
-                const float d = fp16_to_fp32(h);
-                scales.push_back(h);
-                int32_t * qg = q.data() + (size_t) r * C + g * G;
-                for (int32_t j = 0; j < G; ++j) {
-                    qg[j] = (int32_t) std::fmin(std::fmax(std::rint(y[j] / d), -qmax), qmax);
-                }
-            }
-        }
-    }
 
     const size_t bitmap_bytes = (n_groups + 7) / 8;
     std::memset(out + pos, 0, bitmap_bytes);
@@ -408,7 +421,7 @@ size_t BlockCodec::encode(const float * x, uint8_t * out) {
     BitWriter w{out + pos};
     size_t i = 0;
     for (int32_t k = 0; k <= L; ++k) {
-        const int b = params.bits[k];
+        const int b = bits[k];
         if (b == 0) {
             continue;
         }
@@ -426,6 +439,41 @@ size_t BlockCodec::encode(const float * x, uint8_t * out) {
     }
     w.flush();
     return pos + w.pos;
+}
+
+int64_t BlockCodec::coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out) {
+    BlockHeader h;
+    if (const int32_t rc = decode_coefficients(data, size, h); rc != KVGGML_OK) {
+        return rc;
+    }
+    const int32_t L = params.levels, G = params.group;
+    for (int32_t k = 0; k <= L; ++k) {
+        if (bits[k] == 1 || bits[k] > h.bits[k]) {
+            return KVGGML_ERROR_BITS;
+        }
+    }
+    // section 10: a subband of the same width keeps its groups; a narrower one is quantized
+    // again from its decoded coefficients, present where they are not all zero
+    size_t n_groups = 0;
+    scales.clear();
+    for (int32_t k = 0; k <= L; ++k) {
+        const int b = bits[k];
+        if (b == 0) {
+            continue;
+        }
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
+            for (int32_t g = 0; g < N; ++g, ++n_groups) {
+                const float * y = work.data() + (size_t) r * C + g * G;
+                const uint16_t kept = group_scale[(size_t) r * N + g];
+                const float amax = b == h.bits[k] ? 0.0f : group_max(y, G);
+                present[n_groups] = b == h.bits[k] ? kept != 0 : amax > 0.0f;
+                if (present[n_groups]) {
+                    quantize_group(y, b == h.bits[k] ? kept : scale_for(amax, b), b, q.data() + (size_t) r * C + g * G);
+                }
+            }
+        }
+    }
+    return (int64_t) pack(bits, out);
 }
 
 int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
@@ -474,9 +522,18 @@ int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out
     return KVGGML_OK;
 }
 
-// Every length is checked (section 7) before the bytes it covers are read.
 int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
     BlockHeader h;
+    if (const int32_t rc = decode_coefficients(data, size, h); rc != KVGGML_OK) {
+        return rc;
+    }
+    haar_inverse(work.data(), tmp.data(), B, h.levels, C);
+    hadamard_rows(work.data(), B, C, h.rotation);
+    return KVGGML_OK;
+}
+
+// Every length is checked (section 7) before the bytes it covers are read.
+int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, BlockHeader & h) {
     if (const int32_t rc = parse_header(data, size, h); rc != KVGGML_OK) {
         return rc;
     }
@@ -551,11 +608,14 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
         float * rows = work.data() + (size_t) first_row(B, L, k) * C;
         if (b == 0) {
             std::fill(rows, rows + (size_t) rows_of(B, L, k) * C, 0.0f);  // dropped subband: +0.0f
+            std::fill(group_scale.begin() + (size_t) first_row(B, L, k) * N,
+                      group_scale.begin() + (size_t) (first_row(B, L, k) + rows_of(B, L, k)) * N, 0);
             continue;
         }
         const UnpackGroup unpack = unpacker(b);
         for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
             for (int32_t g = 0; g < N; ++g, ++i) {
+                group_scale[(size_t) r * N + g] = bit(bitmap, i) ? read_u16(scale_bytes + 2 * s) : 0;
                 if (!bit(bitmap, i)) {
                     float * y = work.data() + (size_t) r * C + g * G;
                     std::fill(y, y + G, 0.0f);  // absent group: +0.0f
@@ -567,12 +627,7 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
             }
         }
     }
-    if (never_produced) {
-        return KVGGML_ERROR_VALUE;
-    }
-    haar_inverse(work.data(), tmp.data(), B, L, C);
-    hadamard_rows(work.data(), B, C, h.rotation);
-    return KVGGML_OK;
+    return never_produced ? KVGGML_ERROR_VALUE : KVGGML_OK;
 }
 
 namespace {
@@ -733,4 +788,19 @@ int32_t kvggml_codec_decode_block_f16(const uint8_t * data, size_t size, int32_t
     }
     return kvggml::no_throw(
         [&]() -> int32_t { return BlockCodec(params, channels).decode_f16(data, size, out, row_stride_elems); });
+}
+
+int64_t kvggml_codec_coarsen_block(const uint8_t * data, size_t size, int32_t channels, const uint8_t * bits,
+                                   size_t n_bits, uint8_t * out, size_t out_capacity) {
+    kvggml_codec_params params;
+    if (const int32_t rc = kvggml::header_params(data, size, channels, params); rc != KVGGML_OK) {
+        return rc;
+    }
+    if (bits == nullptr || out == nullptr || n_bits != (size_t) params.levels + 1) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    if (out_capacity < size) {
+        return KVGGML_ERROR_CAPACITY;
+    }
+    return kvggml::no_throw([&]() -> int64_t { return BlockCodec(params, channels).coarsen(data, size, bits, out); });
 }

@@ -55,6 +55,11 @@ public:
     // The same, rounded to f16 (nearest even) into rows: row r at out + r * row_stride_elems.
     int32_t decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride_elems);
 
+    // Section 10: the block re-encoded with narrower subbands bits[0..L] (each 0 or 2..16, at
+    // most the block's width), from its stored coefficients, into out (at most `size` bytes).
+    // Returns the bytes written, or an error code (KVGGML_ERROR_BITS for a width not allowed).
+    int64_t coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out);
+
 private:
     kvggml_codec_params   params;
     int32_t               B, C, N;  // tokens, channels, groups per row
@@ -64,9 +69,16 @@ private:
     std::vector<uint8_t>  present;  // per group, in group order
     std::vector<uint16_t> scales;   // of the present groups, in group order
     std::vector<uint8_t>  values;   // decode: the value bytes, 8 bytes of zero padding after
+    std::vector<uint16_t> group_scale;  // decode: per row and group, its scale (0: absent)
 
     // Decoded block left in `work`.
     int32_t decode_to_work(const uint8_t * data, size_t size);
+    // The checked block's dequantized coefficients left in `work`, scales in group_scale.
+    int32_t decode_coefficients(const uint8_t * data, size_t size, BlockHeader & header);
+    // Quantize one group of G coefficients with scale h and width b into qg; h joins `scales`.
+    void quantize_group(const float * y, uint16_t h, int b, int32_t * qg);
+    // Section 6: the block's bytes from present[], scales and q with widths bits[0..L].
+    size_t pack(const uint8_t * bits, uint8_t * out) const;
 };
 
 inline uint32_t float_bits(float f) {

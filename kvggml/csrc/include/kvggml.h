@@ -106,6 +106,14 @@ KVGGML_API int32_t kvggml_codec_decode_block_f16(const uint8_t * data, size_t si
                                                  size_t row_stride_elems, size_t out_capacity_elems,
                                                  int32_t * out_tokens);
 
+// Coarsen one block (docs/FORMAT.md, section 10): re-encode it with subband widths bits[0..L]
+// (n_bits = L + 1, each 0 or 2..16 and at most the block's own width), from its stored
+// coefficients alone. out_capacity >= size suffices: a coarsened block is never longer. Returns
+// the bytes written, or an error code (KVGGML_ERROR_BITS for a width not allowed).
+KVGGML_API int64_t kvggml_codec_coarsen_block(const uint8_t * data, size_t size, int32_t channels,
+                                              const uint8_t * bits, size_t n_bits, uint8_t * out,
+                                              size_t out_capacity);
+
 //
 // a llama_context with compression (OLLAMA_KV_COMPRESSION=1)
 //
