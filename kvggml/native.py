@@ -85,20 +85,30 @@ def _check(rc: int, what: str) -> int:
 
 
 def _as_dict(record, ctype: str) -> dict:
-    return {
-        name: ffi.string(value).decode() if field.type.kind == "array" else int(value)
-        for name, field in ffi.typeof(ctype).fields
-        for value in [getattr(record, name)]
-    }
+    """A C record as a dict: char arrays as strings, other arrays as lists."""
+
+    def value(name: str, field) -> object:
+        raw = getattr(record, name)
+        if field.type.kind != "array":
+            return int(raw)
+        if field.type.item.cname == "char":
+            return ffi.string(raw).decode()
+        return list(raw)
+
+    return {name: value(name, field) for name, field in ffi.typeof(ctype).fields}
 
 
 def get_segments(ctx, seq_id: int = -1) -> list[dict]:
-    """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, n_tokens, bytes."""
+    """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, n_tokens,
+    bytes, step (hierarchy steps taken) and bits (its subband widths now, level + 1 of them)."""
     lib = open_library()
     n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_segments")
     out = ffi.new("kvggml_segment[]", max(n, 1))
     n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, out, n), "kvggml_get_segments")
-    return [_as_dict(out[i], "kvggml_segment") for i in range(n)]
+    segments = [_as_dict(out[i], "kvggml_segment") for i in range(n)]
+    for segment in segments:
+        segment["bits"] = segment["bits"][: segment["level"] + 1]
+    return segments
 
 
 def get_bitmap(ctx, seq_id: int) -> list[bool]:
@@ -108,6 +118,15 @@ def get_bitmap(ctx, seq_id: int) -> list[bool]:
     bits = ffi.new("uint8_t[]", max((n_bits + 7) // 8, 1))
     _check(lib.kvggml_get_bitmap(_pointer(ctx), seq_id, bits, len(bits)), "kvggml_get_bitmap")
     return [bool(bits[k // 8] >> (k % 8) & 1) for k in range(n_bits)]
+
+
+def get_step_map(ctx, seq_id: int) -> list[int]:
+    """One value per block slot of the sequence, as get_bitmap: 0 not compressed, 1 + hierarchy step."""
+    lib = open_library()
+    n = _check(lib.kvggml_get_step_map(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_step_map")
+    steps = ffi.new("uint8_t[]", max(n, 1))
+    _check(lib.kvggml_get_step_map(_pointer(ctx), seq_id, steps, n), "kvggml_get_step_map")
+    return list(steps[0:n])
 
 
 class CompressCallback:

@@ -66,10 +66,33 @@ int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kv
     for (size_t i = 0; i < order.size() && i < capacity; ++i) {
         const auto & blk = tier->blocks()[order[i]];
         out[i] = {blk.seq, blk.first(), blk.end(), (int32_t) tier->config().level, blk.n_alive(),
-                  tier->block_bytes(order[i])};
+                  tier->block_bytes(order[i]), (int32_t) blk.step, {}};
+        const kvggml::SubbandBits widths = tier->block_widths(order[i]);
+        std::copy(widths.begin(), widths.end(), out[i].bits);
     }
     return (int64_t) order.size();
 }
+
+namespace {
+
+// One value per block slot of seq_id (kvggml.h, kvggml_get_bitmap): slot k covers positions
+// [sinks + k*B, sinks + (k+1)*B), a block marks the slot of its first position. Calls
+// mark(slot, block) for each block of seq_id and returns the number of slots up to the last.
+template <class Mark> int64_t for_each_slot(const kvggml::Tier & tier, int32_t seq_id, Mark mark) {
+    const int64_t B = tier.config().block_tokens();
+    const int64_t sinks = tier.config().sinks;
+    int64_t n_slots = 0;
+    for (const auto & blk : tier.blocks()) {
+        if (blk.seq == seq_id) {
+            const int64_t k = std::max<int64_t>(blk.first() - sinks, 0) / B;
+            n_slots = std::max(n_slots, k + 1);
+            mark(k, blk);
+        }
+    }
+    return n_slots;
+}
+
+} // namespace
 
 int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes) {
     const kvggml::Tier * tier = tier_of(ctx);
@@ -79,21 +102,28 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
     if (seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
         return fail("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
     }
-    const int64_t B = tier->config().block_tokens();
-    const int64_t sinks = tier->config().sinks;
-    int64_t n_bits = 0;
     std::fill(bits, bits + n_bytes, 0);
-    for (const auto & blk : tier->blocks()) {
-        if (blk.seq != seq_id) {
-            continue;
-        }
-        const int64_t k = std::max<int64_t>(blk.first() - sinks, 0) / B;  // the slot holding its first position
-        n_bits = std::max(n_bits, k + 1);
+    return for_each_slot(*tier, seq_id, [&](int64_t k, const kvggml::Block &) {
         if ((size_t) k / 8 < n_bytes) {
             bits[k / 8] |= (uint8_t) (1u << (k % 8));
         }
+    });
+}
+
+int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, uint8_t * steps, size_t n_bytes) {
+    const kvggml::Tier * tier = tier_of(ctx);
+    if (tier == nullptr) {
+        return fail(no_tier(ctx));
     }
-    return n_bits;
+    if (seq_id < 0 || (steps == nullptr && n_bytes > 0)) {
+        return fail("seq_id must be 0 or above, and steps not NULL with n_bytes above 0");
+    }
+    std::fill(steps, steps + n_bytes, 0);
+    return for_each_slot(*tier, seq_id, [&](int64_t k, const kvggml::Block & blk) {
+        if ((size_t) k < n_bytes) {
+            steps[k] = (uint8_t) std::min<uint32_t>(blk.step + 1, 255);
+        }
+    });
 }
 
 int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback, void * user_data) {
@@ -124,6 +154,8 @@ int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
         out->blocks            = tier->blocks().size();
         out->encode_us         = tier->encode_us;
         out->decode_us         = tier->decode_us;
+        out->budget_bytes      = tier->budget_bytes();
+        out->coarsenings       = tier->coarsenings();
     }
     return KVGGML_OK;
 }

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <iterator>
 #include <cstdlib>
+#include <utility>
 #include <stdexcept>
 
 namespace kvggml {
@@ -49,10 +50,119 @@ uint32_t env_int(const char * name, uint32_t def, uint32_t lo, uint32_t hi) {
     return (uint32_t) number;
 }
 
+// "A.B.C": level + 1 widths, each 0 or 2..16; `what` names the value in errors.
+SubbandBits parse_widths(const std::string & text, uint32_t level, const std::string & what) {
+    SubbandBits bits{};
+    size_t k = 0, start = 0;
+    while (true) {
+        const size_t dot = text.find('.', start);
+        const std::string part = text.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+        char * end = nullptr;
+        const long width = std::strtol(part.c_str(), &end, 10);
+        if (part.empty() || *end != '\0' || k > level || width < 0 || width == 1 || width > 16) {
+            throw std::invalid_argument(what + ": expected " + std::to_string(level + 1) +
+                                        " dot-separated widths (A_L, D_L, ..., D_1), each 0 or 2 to 16");
+        }
+        bits[k++] = (uint8_t) width;
+        if (dot == std::string::npos) {
+            break;
+        }
+        start = dot + 1;
+    }
+    if (k != level + 1) {
+        throw std::invalid_argument(what + ": expected " + std::to_string(level + 1) +
+                                    " dot-separated widths (A_L, D_L, ..., D_1), each 0 or 2 to 16");
+    }
+    return bits;
+}
+
+// "AGE:WIDTHS,AGE:WIDTHS": ages increasing, each step's widths at most the one before (the
+// first: the preset's) and narrower somewhere.
+std::vector<Step> parse_schedule(const char * name, const std::string & raw, const Config & c) {
+    const std::string what = std::string(name) + "='" + raw + "'";
+    std::vector<Step> steps;
+    SubbandBits before = c.subband_bits();
+    size_t start = 0;
+    while (start <= raw.size()) {
+        const size_t comma = raw.find(',', start);
+        const std::string item = trim(raw.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+        const size_t colon = item.find(':');
+        char * end = nullptr;
+        const std::string age_text = item.substr(0, colon);
+        const long long age = std::strtoll(age_text.c_str(), &end, 10);
+        if (colon == std::string::npos || age_text.empty() || *end != '\0' || age < 0 || age > (1ll << 24)) {
+            throw std::invalid_argument(what + " is not a schedule: expected AGE:WIDTHS steps separated by commas, "
+                                        "AGE an integer from 0 to 16777216 (tokens), e.g. 2048:6.4.3.3.0,6144:6.4.3.0.0");
+        }
+        Step step{(uint32_t) age, parse_widths(item.substr(colon + 1), c.level, what + " step '" + item + "'")};
+        bool narrower = false;
+        for (uint32_t k = 0; k <= c.level; ++k) {
+            if (step.bits[k] > before[k]) {
+                throw std::invalid_argument(what + " step '" + item + "' widens subband " + std::to_string(k) +
+                                            ": each step's widths must be at most the step before's (the first: preset " +
+                                            c.preset + "'s)");
+            }
+            narrower = narrower || step.bits[k] < before[k];
+        }
+        if (!narrower || (!steps.empty() && step.age <= steps.back().age)) {
+            throw std::invalid_argument(what + " step '" + item + "' must be older and narrower than the step before: "
+                                        "ages increasing, widths narrower in at least one subband");
+        }
+        steps.push_back(step);
+        before = step.bits;
+        if (comma == std::string::npos) {
+            break;
+        }
+        start = comma + 1;
+    }
+    return steps;
+}
+
+// Bytes with an optional unit (B, KiB, MiB, GiB, KB, MB, GB), or a fraction of the f16 cache in (0, 1].
+Budget parse_budget(const char * name, const std::string & raw) {
+    const std::string value = trim(raw);
+    const std::string allowed = " expected bytes (an integer, optionally with B, KiB, MiB, GiB, KB, MB or GB) or a "
+                                "fraction of the f16 cache above 0 and at most 1 (e.g. 0.25)";
+    char * end = nullptr;
+    errno = 0;
+    if (value.find('.') != std::string::npos) {
+        const double fraction = std::strtod(value.c_str(), &end);
+        if (value.empty() || *end != '\0' || !(fraction > 0 && fraction <= 1)) {
+            throw std::invalid_argument(std::string(name) + "='" + raw + "' is out of range:" + allowed);
+        }
+        return {0, fraction};
+    }
+    const unsigned long long number = std::strtoull(value.c_str(), &end, 10);
+    const std::string unit = trim(end);
+    const std::pair<const char *, uint64_t> units[] = {{"", 1}, {"B", 1}, {"KiB", 1ull << 10}, {"MiB", 1ull << 20},
+                                                       {"GiB", 1ull << 30}, {"KB", 1000}, {"MB", 1000000},
+                                                       {"GB", 1000000000}};
+    for (const auto & [suffix, scale] : units) {
+        if (end != value.c_str() && value[0] != '-' && errno == 0 && unit == suffix && number > 0 &&
+            number <= UINT64_MAX / scale) {
+            return {number * scale, 0};
+        }
+    }
+    throw std::invalid_argument(std::string(name) + "='" + raw + "' is not a size:" + allowed);
+}
+
 } // namespace
 
-std::array<uint8_t, kMaxLevels + 1> Config::subband_bits() const {
-    std::array<uint8_t, kMaxLevels + 1> bits{};
+std::vector<Step> Config::ladder() const {
+    if (!schedule.empty() || !budget.set()) {
+        return schedule;
+    }
+    std::vector<Step> steps;
+    SubbandBits bits = subband_bits();
+    for (uint32_t k = level; k >= 2; --k) {  // D_1, D_2, ..., D_{L-1}: A_L and D_L stay
+        bits[k] = 0;
+        steps.push_back({UINT32_MAX, bits});
+    }
+    return steps;
+}
+
+SubbandBits Config::subband_bits() const {
+    SubbandBits bits{};
     for (const auto & p : kPresets) {
         if (preset == p.name) {
             bits[0] = p.approximation;
@@ -83,6 +193,12 @@ Config Config::from_env() {
                                         "' is not allowed: expected one of hi, balanced, lo");
         }
         c.preset = value;
+    }
+    if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_SCHEDULE"); raw != nullptr && *raw != '\0') {
+        c.schedule = parse_schedule("OLLAMA_KV_COMPRESSION_SCHEDULE", raw, c);
+    }
+    if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_BUDGET"); raw != nullptr && *raw != '\0') {
+        c.budget = parse_budget("OLLAMA_KV_COMPRESSION_BUDGET", raw);
     }
     return c;
 }

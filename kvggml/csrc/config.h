@@ -7,10 +7,28 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kvggml {
 
 constexpr int kMaxLevels = 6;
+
+using SubbandBits = std::array<uint8_t, kMaxLevels + 1>;  // A_L, then D_L .. D_1 (level + 1 used)
+
+// One step of the resolution hierarchy: blocks at least `age` tokens older than their
+// sequence's newest token are coarsened to `bits` (docs/FORMAT.md, section 10).
+struct Step {
+    uint32_t    age;
+    SubbandBits bits;
+};
+
+// OLLAMA_KV_COMPRESSION_BUDGET: bytes, or a fraction of the f16 cache at n_ctx (0: no budget).
+struct Budget {
+    uint64_t bytes    = 0;
+    double   fraction = 0;
+
+    bool set() const { return bytes != 0 || fraction != 0; }
+};
 
 struct Config {
     bool     enabled   = false;
@@ -19,10 +37,15 @@ struct Config {
     std::string preset = "balanced";
     uint32_t sinks     = 4;     // first tokens per sequence kept exact
     bool     hadamard  = true;
+    std::vector<Step> schedule;  // OLLAMA_KV_COMPRESSION_SCHEDULE, ages increasing, widths narrowing
+    Budget   budget;
 
     uint32_t block_tokens() const { return 1u << level; }
     // Width per subband, A_L first then D_L .. D_1 (level + 1 entries).
-    std::array<uint8_t, kMaxLevels + 1> subband_bits() const;
+    SubbandBits subband_bits() const;
+    // The steps a block walks: the schedule, or, with a budget and no schedule, the preset's
+    // detail subbands dropped finest first (steps the budget alone takes).
+    std::vector<Step> ladder() const;
 
     // Throws std::invalid_argument naming the variable, the value and the allowed range.
     static Config from_env();

@@ -52,6 +52,7 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         put((uint32_t) blks[b].seq);
         write(blks[b].pos.data(), blks[b].pos.size() * sizeof(llama_pos));
         write(blks[b].moved.data(), blks[b].moved.size() * sizeof(llama_pos));
+        put(blks[b].step);
         for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
             for (const Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
                 put((uint32_t) (s->offsets[b + 1] - s->offsets[b]));
@@ -113,6 +114,9 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
         blk.seq = seq_id < 0 ? blk.seq : seq_id;
         read(blk.pos.data(), B * sizeof(llama_pos));
         read(blk.moved.data(), B * sizeof(llama_pos));
+        // the step counts the saving context's ladder; the widths travel in the block's bytes, so
+        // a shorter ladder here only means the block coarsens no further
+        blk.step = std::min<uint32_t>(get(), (uint32_t) steps.size());
         if (blk.empty() || std::any_of(blk.pos.begin(), blk.pos.end(), [](llama_pos p) { return p < -1; })) {
             throw std::runtime_error(where + ": invalid positions");
         }

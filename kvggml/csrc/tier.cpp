@@ -142,6 +142,7 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
         }
         ropes.push_back(rope);
     }
+    init_budget(cparams.n_ctx);
 }
 
 uint32_t Tier::cache_basis() const {
@@ -167,6 +168,13 @@ uint64_t Tier::block_bytes(size_t b) const {
         total += v_streams[ikv].offsets[b + 1] - v_streams[ikv].offsets[b];
     }
     return total;
+}
+
+SubbandBits Tier::block_widths(size_t b) const {
+    SubbandBits bits{};
+    const uint8_t * header = k_streams.front().bytes.data() + k_streams.front().offsets[b];
+    std::copy(header + 8, header + 9 + cfg.level, bits.begin());
+    return bits;
 }
 
 uint64_t Tier::block_f16_bytes() const {
@@ -199,9 +207,13 @@ uint64_t Tier::n_alive() const {
 
 void Tier::compress() {
     const std::vector<Run> runs = old_runs();
-    if (runs.empty()) {
-        return;
+    if (!runs.empty()) {
+        encode_old(runs);
     }
+    coarsen_old();
+}
+
+void Tier::encode_old(const std::vector<Run> & runs) {
     const uint64_t t0 = now_us();
     // The cells left are moved to the front, in order: the layout a saved state restores to,
     // so a restored context computes exactly what this one does. A pending K-shift is kept per
@@ -342,7 +354,7 @@ void Tier::announce(size_t first_new) const {
     }
     for (size_t b = first_new; b < blks.size(); ++b) {
         const kvggml_event event = {blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level,
-                                    block_f16_bytes(), block_bytes(b)};
+                                    block_f16_bytes(), block_bytes(b), 0};
         on_compress(&event, on_compress_data);
     }
 }

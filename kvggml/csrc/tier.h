@@ -5,6 +5,7 @@
 // never change once written.
 //
 //   tier.cpp         the store: construction, accounting, compress()
+//   tier-hierarchy.cpp  the resolution hierarchy: old blocks coarsened by age and under a budget
 //   tier-memory.cpp  llama.cpp's memory operations (remove, copy, keep, shift)
 //   tier-state.cpp   saved states
 //   attention.cpp    attention over the tier: the decode op and the mask
@@ -35,13 +36,14 @@ namespace kvggml {
 // A saved state's compressed section starts with this word where llama.cpp's starts with its
 // stream count (docs/FORMAT.md, "Saved state").
 constexpr uint32_t kStateMagic   = 0x5447564B;  // "KVGT"
-constexpr uint32_t kStateVersion = 2;
+constexpr uint32_t kStateVersion = 3;
 
 // One compressed block: B tokens of one sequence, encoded together.
 struct Block {
     llama_seq_id seq;
     std::vector<llama_pos> pos;    // per token: its position, or -1 once removed
     std::vector<llama_pos> moved;  // per token: how far it was moved since encoding (RoPE owed to its key)
+    uint32_t step = 0;             // steps of the hierarchy's ladder taken (Config::ladder()); 0: as encoded
 
     bool      empty() const;
     uint32_t  n_alive() const;
@@ -84,7 +86,8 @@ class Tier {
 public:
     Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cparams);
 
-    // After a micro-batch: encode every whole block of old tokens, free their cells.
+    // After a micro-batch: encode every whole block of old tokens, free their cells, then
+    // coarsen old blocks by age and to stay within the budget.
     void compress();
 
     void clear();
@@ -119,11 +122,16 @@ public:
     uint64_t n_alive() const;
     size_t   compressed_bytes() const;
     size_t   exact_bytes() const;  // the f16 cells of the cache, K and V, all layers
+    uint64_t budget_bytes() const { return budget; }  // 0: none
+    uint64_t coarsenings() const { return n_coarsened; }  // ladder steps taken by blocks, in total
+    const std::vector<Step> & ladder() const { return steps; }
     // Changes whenever the blocks or their positions do, so graphs built before are not reused.
     uint64_t generation() const { return gen; }
 
     // Encoded bytes of block b, K and V, all layers.
     uint64_t block_bytes(size_t b) const;
+    // Block b's subband widths now (its K header in the first layer; K and V share them).
+    SubbandBits block_widths(size_t b) const;
     // f16 bytes one block held before compression.
     uint64_t block_f16_bytes() const;
 
@@ -151,6 +159,9 @@ private:
     std::vector<Rope> ropes;        // per cache layer
     std::string no_shift;
     uint64_t gen = 0;
+    std::vector<Step> steps;  // the hierarchy's ladder
+    uint64_t budget = 0;
+    uint64_t n_coarsened = 0;
 
     struct Staged {
         std::vector<Block>  blks;
@@ -172,6 +183,13 @@ private:
     void add_blocks(const std::vector<Run> & runs);  // the runs become blocks; their cells are freed
     void move_cells_to_front(const std::vector<uint32_t> & kept);
     void announce(size_t first_new) const;  // the compress callback, for blocks first_new.. on
+    void encode_old(const std::vector<Run> & runs);
+
+    // The hierarchy (tier-hierarchy.cpp).
+    void init_budget(uint32_t n_ctx_all);  // throws std::invalid_argument when the budget cannot hold n_ctx
+    void coarsen_old();
+    // Tokens newer than each sequence's blocks: a block's age is newest[seq] - blk.end().
+    std::vector<llama_pos> newest_positions() const;
 
     // Drop the blocks `drop` selects, with their bytes in every stream.
     void erase_blocks_if(const std::function<bool(const Block &)> & drop);

@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 3
+#define KVGGML_VERSION_MINOR 4
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -129,6 +129,9 @@ typedef struct kvggml_stats {
     uint64_t blocks;            // compressed blocks
     uint64_t encode_us;         // time spent compressing, in total
     uint64_t decode_us;         // time spent decoding blocks for attention (one thread's share), in total
+    uint64_t budget_bytes;      // OLLAMA_KV_COMPRESSION_BUDGET in bytes (0: none): exact_bytes +
+                                // compressed_bytes stays at or below it after every micro-batch
+    uint64_t coarsenings;       // hierarchy steps taken by blocks, in total
 } kvggml_stats;
 
 // Totals of the context's compressible KV cache (the full-attention one of a sliding-window
@@ -145,6 +148,8 @@ typedef struct kvggml_segment {
     int32_t  level;     // Haar levels it was encoded with
     uint32_t n_tokens;  // tokens it still holds, 1..2^level
     uint64_t bytes;     // encoded size, K and V, all layers
+    int32_t  step;      // hierarchy steps taken: 0 as encoded, s: coarsened to the ladder's step s
+    uint8_t  bits[9];   // its subband widths now, A_L, D_L, ..., D_1 (level + 1 used; 0: dropped)
 } kvggml_segment;
 
 // The compressed blocks of sequence seq_id (-1: every sequence), in position order. Writes
@@ -161,15 +166,23 @@ KVGGML_API int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t
 // block), or a negative error code.
 KVGGML_API int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes);
 
-// A block was just compressed. Called on the thread that runs llama_decode, once per block,
-// after the block is stored and before its cells are reused.
+// The hierarchy step of each block slot of sequence seq_id, one byte per slot as in the bitmap
+// above: 0 where the slot holds no compressed block, 1 + step where it does (1: as encoded).
+// Writes n_bytes bytes and returns the number of meaningful slots, or a negative error code.
+KVGGML_API int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, uint8_t * steps,
+                                       size_t n_bytes);
+
+// A block was just compressed (step 0: encoded, its cells freed) or coarsened (step s >= 1:
+// re-encoded at the hierarchy's step s). Called on the thread that runs llama_decode, once per
+// block and event, after the block is stored and before its cells are reused.
 typedef struct kvggml_event {
     int32_t  seq_id;
     int32_t  p0;
     int32_t  p1;
     int32_t  level;
-    uint64_t bytes_before;  // the block's f16 K and V, all layers
+    uint64_t bytes_before;  // encoding: the block's f16 K and V, all layers; coarsening: its encoded size before
     uint64_t bytes_after;   // encoded
+    int32_t  step;
 } kvggml_event;
 typedef void (*kvggml_compress_callback)(const kvggml_event * event, void * user_data);
 
