@@ -3,8 +3,9 @@
 
 Valid cases: <case>.in.bin (f16 input), <case>.bin (encoded block), <case>.out.bin (decoded f32),
 listed with their configuration in manifest.txt. Coarsened blocks (FORMAT.md section 10):
-coarsen/<case>.bin, listed in coarsen/manifest.txt with the valid case they come from and their widths. Malformed blocks: invalid/<defect>.bin, listed
-in invalid/manifest.txt with a word the reference's error message contains.
+coarsen/<case>.bin, listed in coarsen/manifest.txt with the valid case they come from and their
+widths. Malformed blocks: invalid/<defect>.bin, listed in invalid/manifest.txt with a word the
+reference's error message contains.
 Deterministic: rerunning rewrites identical files.
 """
 
