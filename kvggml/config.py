@@ -8,7 +8,8 @@ value raises ConfigError naming the variable, the value and what is allowed.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -30,13 +31,18 @@ class Setting:
     min: int | None = None
     max: int | None = None
     choices: tuple[str, ...] | None = None
+    text: tuple[str, Callable[[str, str], object]] | None = None  # (what is allowed, parser(env, raw))
 
     def allowed(self) -> str:
+        if self.text:
+            return self.text[0]
         if self.choices:
             return "one of " + ", ".join(self.choices)
         return f"an integer from {self.min} to {self.max}"
 
     def parse(self, raw: str) -> object:
+        if self.text:
+            return self.text[1](self.env, raw)
         value = raw.strip()
         if self.choices:
             if value not in self.choices:
@@ -49,6 +55,54 @@ class Setting:
         if not (self.min <= number <= self.max):
             raise ConfigError(f"{self.env}={raw!r} is out of range: expected {self.allowed()}")
         return number
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the hierarchy: blocks at least `age` tokens old are coarsened to `bits` (A_L, D_L, ..., D_1)."""
+
+    age: int
+    bits: tuple[int, ...]
+
+
+SCHEDULE_ALLOWED = "AGE:WIDTHS steps separated by commas, ages increasing, widths narrowing (e.g. 2048:6.4.3.3.0)"
+BUDGET_ALLOWED = "bytes (512MiB, 2GiB, 1000000) or a fraction of the f16 cache above 0 and at most 1 (0.25)"
+BUDGET_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 1000, "MB": 10**6, "GB": 10**9}
+
+
+def parse_schedule_text(env: str, raw: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Syntax only; widths are checked against the level and preset in CompressionConfig.from_env."""
+    steps = []
+    for item in raw.split(","):
+        match = re.fullmatch(r"\s*(\d+):([\d.]+)\s*", item)
+        if not match or int(match.group(1)) > 1 << 24:
+            raise ConfigError(
+                f"{env}={raw!r} is not a schedule: expected AGE:WIDTHS steps separated by commas, "
+                "AGE an integer from 0 to 16777216 (tokens), e.g. 2048:6.4.3.3.0,6144:6.4.3.0.0"
+            )
+        steps.append((int(match.group(1)), match.group(2)))
+    return tuple(steps)
+
+
+def parse_budget(env: str, raw: str) -> tuple[int, float]:
+    """(bytes, fraction of f16), one of them 0; the messages are the library's (kvggml/csrc/config.cpp)."""
+    value = raw.strip()
+    allowed = (
+        " expected bytes (an integer, optionally with B, KiB, MiB, GiB, KB, MB or GB) or a "
+        "fraction of the f16 cache above 0 and at most 1 (e.g. 0.25)"
+    )
+    if "." in value:
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = 0.0
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"{env}={raw!r} is out of range:{allowed}")
+        return 0, fraction
+    match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", value)
+    if not match or match.group(2) not in BUDGET_UNITS or int(match.group(1)) == 0:
+        raise ConfigError(f"{env}={raw!r} is not a size:{allowed}")
+    return int(match.group(1)) * BUDGET_UNITS[match.group(2)], 0.0
 
 
 # Field name -> setting; the dataclass below has one field per entry, in this order.
@@ -86,6 +140,21 @@ SETTINGS: dict[str, Setting] = {
         min=0,
         max=1,
     ),
+    "schedule": Setting(
+        "OLLAMA_KV_COMPRESSION_SCHEDULE",
+        "",
+        "the hierarchy by age: blocks at least AGE tokens older than their sequence's newest token are "
+        "coarsened to WIDTHS (A_L, D_L, ..., D_1; 0 drops a subband), one step after another",
+        text=(SCHEDULE_ALLOWED, parse_schedule_text),
+    ),
+    "budget": Setting(
+        "OLLAMA_KV_COMPRESSION_BUDGET",
+        "",
+        "cap on the context's KV memory (exact cells + blocks): when exceeded, the oldest blocks coarsen "
+        "first, along the schedule's steps (or, without one, dropping detail subbands finest first); "
+        "a context whose n_ctx cannot fit is refused",
+        text=(BUDGET_ALLOWED, parse_budget),
+    ),
 }
 
 
@@ -97,10 +166,23 @@ class CompressionConfig:
     preset: str = "balanced"
     sinks: int = 4
     hadamard: bool = True
+    schedule: tuple[Step, ...] = ()
+    budget: tuple[int, float] = (0, 0.0)  # (bytes, fraction of the f16 cache); (0, 0.0): none
 
     @property
     def block_tokens(self) -> int:
         return 1 << self.level
+
+    def ladder(self) -> tuple[Step, ...]:
+        """The steps a block walks (the library's Config::ladder): the schedule, or with a budget and
+        none, the detail subbands dropped finest first (D_1, ..., D_{L-1}) at no age (the budget's alone)."""
+        if self.schedule or self.budget == (0, 0.0):
+            return self.schedule
+        bits, steps = list(preset_bits(self.preset, self.level)), []
+        for k in range(self.level, 1, -1):
+            bits[k] = 0
+            steps.append(Step(0xFFFFFFFF, tuple(bits)))
+        return tuple(steps)
 
     def codec(self) -> HaarCodec:
         """The codec the library applies with these settings."""
@@ -117,14 +199,50 @@ class CompressionConfig:
             raw = environ.get(setting.env)
             value = setting.default if raw is None or raw == "" else setting.parse(raw)
             values[f.name] = bool(value) if f.type in ("bool", bool) else value
+        values["schedule"] = schedule_steps(environ.get(SETTINGS["schedule"].env, ""), values)
+        values["budget"] = values["budget"] or (0, 0.0)
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        return {
-            SETTINGS[f.name].env: str(int(v) if isinstance(v, bool) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
+        env = {
+            SETTINGS[name].env: str(int(v) if isinstance(v, bool) else v)
+            for name in ("enabled", "threshold", "level", "preset", "sinks", "hadamard")
+            for v in [getattr(self, name)]
         }
+        env[SETTINGS["schedule"].env] = ",".join(f"{s.age}:{'.'.join(map(str, s.bits))}" for s in self.schedule)
+        bytes_, fraction = self.budget
+        env[SETTINGS["budget"].env] = str(fraction) if fraction else str(bytes_) if bytes_ else ""
+        return env
+
+
+def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
+    """The parsed schedule checked against the level and preset, with the library's messages."""
+    env = SETTINGS["schedule"].env
+    what = f"{env}={raw!r}"
+    before, steps = preset_bits(values["preset"], values["level"]), []
+    for age, widths in values["schedule"] or ():
+        item = f"{age}:{widths}"
+        parts = widths.split(".")
+        if len(parts) != values["level"] + 1 or any(not p or int(p) == 1 or int(p) > 16 for p in parts):
+            raise ConfigError(
+                f"{what} step '{item}': expected {values['level'] + 1} dot-separated widths "
+                "(A_L, D_L, ..., D_1), each 0 or 2 to 16"
+            )
+        bits = tuple(map(int, parts))
+        widened = [k for k, (b, a) in enumerate(zip(bits, before, strict=True)) if b > a]
+        if widened:
+            raise ConfigError(
+                f"{what} step '{item}' widens subband {widened[0]}: each step's widths must be at most the step "
+                f"before's (the first: preset {values['preset']}'s)"
+            )
+        if bits == tuple(before) or (steps and age <= steps[-1].age):
+            raise ConfigError(
+                f"{what} step '{item}' must be older and narrower than the step before: ages increasing, "
+                "widths narrower in at least one subband"
+            )
+        steps.append(Step(age, bits))
+        before = bits
+    return tuple(steps)
 
 
 def markdown_table() -> str:

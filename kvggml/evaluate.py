@@ -7,6 +7,10 @@ llama_state_seq_set_data, then score the next M tokens (teacher-forced, one
 forward pass) against the uncompressed run. Rows named `stock:<type>` instead
 run llama.cpp's own quantized cache (every token quantized) from scratch.
 
+A row `kvggml` runs the library's whole policy offline, from the same OLLAMA_KV_COMPRESSION_*
+variables: the preset, then the hierarchy's schedule and budget (kvggml/hierarchy.py), with
+each block coarsened step by step as the library does.
+
 Per row: perplexity, Δperplexity %, mean and p99 KL divergence and top-1
 agreement against the uncompressed run, the codec's bits per element over the
 tokens it compressed, and the whole cache's size against f16 at N tokens.
@@ -25,6 +29,8 @@ from scipy.special import log_softmax
 from tqdm import tqdm
 
 from kvggml.codecs import Codec, parse_codec
+from kvggml.config import CompressionConfig
+from kvggml.hierarchy import block_steps, budget_bytes
 from kvggml.kvstate import KVState
 from kvggml.metrics import kld_per_row
 from kvggml.model import Runner
@@ -61,11 +67,14 @@ class Row:
     label: str
     codec: Codec | None = None  # applied to old tokens
     stock_type: str | None = None  # llama.cpp's own cache type, every token
+    policy: CompressionConfig | None = None  # the library's preset and hierarchy, on old tokens
 
     @classmethod
     def parse(cls, spec: str) -> Row:
         if spec == "identity":
             return cls(spec)
+        if spec == "kvggml":
+            return cls(spec, policy=CompressionConfig.from_env())
         if spec.startswith("stock:"):
             name = spec.removeprefix("stock:")
             if name not in STOCK_TYPES:
@@ -115,6 +124,14 @@ class Reference:
         )
 
 
+def old_cells(stream, sinks: int, window: int, block_tokens: int) -> np.ndarray:
+    """Cells of whole blocks between the sinks and the window, in position order."""
+    order = np.argsort(stream.positions, kind="stable")
+    pos = stream.positions[order]
+    old = order[(pos >= sinks) & (pos <= pos.max() - window)]
+    return old[: len(old) // block_tokens * block_tokens]
+
+
 def compress_state(
     state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int
 ) -> tuple[int, int, int, tuple[int, int] | None]:
@@ -127,10 +144,7 @@ def compress_state(
     elements = nbytes = tokens = 0
     evicted = None
     for stream in (s for s in state.streams if s.part == 0):
-        order = np.argsort(stream.positions, kind="stable")
-        pos = stream.positions[order]
-        old = order[(pos >= sinks) & (pos <= pos.max() - window)]
-        old = old[: len(old) // codec.block_tokens * codec.block_tokens]
+        old = old_cells(stream, sinks, window, codec.block_tokens)
         if len(old) == 0:
             continue
         tokens += len(old)
@@ -150,6 +164,37 @@ def compress_state(
     return elements, nbytes, tokens, evicted
 
 
+def apply_policy(
+    state: KVState, config: CompressionConfig, sinks: int, window: int, n_head_kv: int, n_ctx: int, n_batch: int
+) -> tuple[int, int, int, np.ndarray]:
+    """The library's preset and hierarchy applied in place to the full-attention cache's old cells, as
+    one sequence: (compressed elements, compressed bytes, compressed tokens, step of each block).
+    The budget counts the exact cells the library allocates for this n_ctx and n_batch."""
+    codec, ladder = config.codec(), config.ladder()
+    widths = [step.bits for step in ladder]
+    (stream,) = [s for s in state.streams if s.part == 0]
+    old = old_cells(stream, sinks, window, codec.block_tokens)
+    if len(old) == 0:
+        return 0, 0, 0, np.zeros(0, np.int64)
+    roles = stream.k + stream.v
+    shape = lambda rows: (len(old), n_head_kv, rows.n_embd // n_head_kv)  # noqa: E731
+    sizes = sum(codec.ladder_sizes(codec.ladder(r.read(state.blob)[old].reshape(shape(r)), widths)) for r in roles)
+    ends = stream.positions[old].reshape(-1, codec.block_tokens).max(axis=1) + 1
+    ages = stream.positions.max() + 1 - ends
+    per_token = sum(2 * r.n_embd for r in roles)
+    n_ctx_seq = -(-n_ctx // 256) * 256  # llama.cpp pads the context
+    cells = min(-(-(sinks + window + codec.block_tokens + n_batch) // 32) * 32, n_ctx_seq)
+    budget = budget_bytes(config, per_token * n_ctx_seq)
+    steps = block_steps(ladder, ages, sizes, cells * per_token, budget)
+    for rows in roles:
+        values = rows.read(state.blob)
+        block = values[old].reshape(shape(rows))
+        values[old] = codec.decode_ladder(codec.ladder(block, widths), steps, block.shape).reshape(len(old), -1)
+        rows.write(state.blob, values)
+    nbytes = int(sizes[np.arange(len(steps)), steps].sum())
+    return len(old) * per_token // 2, nbytes, len(old), steps
+
+
 def cache_f16_bytes(state: KVState) -> int:
     return sum(2 * r.n_cells * r.n_embd for s in state.streams for r in s.k + s.v)
 
@@ -164,10 +209,11 @@ def evaluate(
     window: int = 512,
     sinks: int = 4,
     n_threads: int | None = None,
+    n_batch: int = 512,
 ) -> dict:
     """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
     n_ctx = n_prefill + n_score
-    with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_threads=n_threads) as ref_run:
+    with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as ref_run:
         tokens = ref_run.tokenize(text)
         if len(tokens) < n_ctx + 1:
             raise ValueError(f"the text has {len(tokens)} tokens; N + M + 1 = {n_ctx + 1} are needed")
@@ -202,16 +248,24 @@ def evaluate(
                 )
             else:
                 state = KVState.parse(blob)
-                evicted, elements, nbytes, n_tok = None, 0, 0, 0
+                evicted, elements, nbytes, n_tok, steps = None, 0, 0, 0, None
                 if row.codec is not None:
                     elements, nbytes, n_tok, evicted = compress_state(state, row.codec, sinks, window, n_head_kv)
+                if row.policy is not None:
+                    elements, nbytes, n_tok, steps = apply_policy(
+                        state, row.policy, sinks, window, n_head_kv, n_ctx, n_batch
+                    )
                 ref_run.set_state(state.bytes())
                 if evicted:
                     ref_run.remove(*evicted)
                 logits = ref_run.decode(scored, n_prefill, want_logits=True)
                 kv_bytes = f16_bytes - 2 * elements + nbytes
                 extra = dict(
-                    description=row.codec.description if row.codec else "state read and written back unchanged",
+                    description=row.codec.description
+                    if row.codec
+                    else policy_description(row.policy, steps)
+                    if row.policy
+                    else "state read and written back unchanged",
                     bits_per_element=8.0 * nbytes / elements if elements else 16.0,
                     compressed_tokens=n_tok,
                     kv_bytes=kv_bytes,
@@ -238,6 +292,13 @@ def evaluate(
         f16_kv_bytes=f16_bytes,
         rows=[asdict(r) for r in results],
     )
+
+
+def policy_description(config: CompressionConfig, steps: np.ndarray) -> str:
+    """The library's settings, and how many blocks ended at each ladder step."""
+    settings = [f"{k.removeprefix('OLLAMA_KV_COMPRESSION_')}={v}" for k, v in config.to_env().items() if v][1:]
+    counts = np.bincount(steps, minlength=len(config.ladder()) + 1).tolist()
+    return f"the library's policy ({', '.join(settings)}); blocks per ladder step {counts}"
 
 
 def format_table(report: dict) -> str:

@@ -5,6 +5,9 @@
     measure_tier.py quality  [--ctx 4096 --chunks 4] llama-perplexity --kl-divergence vs stock f16 logits
     measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth
 
+A variant is a name of VARIANTS, optionally followed by settings of the hierarchy, each
+`;NAME=VALUE` for OLLAMA_KV_COMPRESSION_NAME: "kvggml hi;THRESHOLD=256;BUDGET=0.2".
+
 Every run is a separate process on the stock or the patched build of the same pinned
 llama.cpp; results are printed as a table and written to results/tier-<what>.json.
 Run with the repo's venv: .venv/bin/python scripts/measure_tier.py memory
@@ -61,21 +64,32 @@ print(json.dumps({"tokens": len(tokens), "prefill_s": seconds, "allocated_mib": 
 """
 
 
+def parse_variant(variant: str) -> tuple[str, str, str | None, dict[str, str]]:
+    """(library, cache type, preset, extra OLLAMA_KV_COMPRESSION_* variables) of a variant."""
+    name, *settings = variant.split(";")
+    lib, cache, preset = VARIANTS[name]
+    extra = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        extra[f"OLLAMA_KV_COMPRESSION_{key}"] = value
+    return lib, cache, preset, extra
+
+
 def variant_env(variant: str) -> dict:
-    lib, _, preset = VARIANTS[variant]
+    lib, _, preset, extra = parse_variant(variant)
     env = {**os.environ, "KVGGML_LIB": lib, "OLLAMA_KV_COMPRESSION": "1" if preset else "0"}
     env.pop("LLAMA_CPP_LIB_PATH", None)
     if preset:
-        env["OLLAMA_KV_COMPRESSION_PRESET"] = preset
+        env.update({"OLLAMA_KV_COMPRESSION_PRESET": preset, **extra})
     return env
 
 
 def tool(variant: str, name: str) -> str:
-    return str(library_dir(VARIANTS[variant][0]) / name)
+    return str(library_dir(parse_variant(variant)[0]) / name)
 
 
 def cache_flags(variant: str) -> list[str]:
-    cache = VARIANTS[variant][1]
+    cache = parse_variant(variant)[1]
     # quantized V needs flash attention; use it everywhere so every row runs the same kernel
     return ["-ctk", cache, "-ctv", cache, "-fa", "on"]
 
@@ -83,7 +97,7 @@ def cache_flags(variant: str) -> list[str]:
 def measure_memory(args) -> list[dict]:
     rows = []
     for variant in args.variants:
-        cache = VARIANTS[variant][1]
+        cache = parse_variant(variant)[1]
         fill = variant not in args.no_fill
         print(
             f"[memory] {variant}: n_ctx {args.ctx}, " + (f"{args.ctx}-token prompt" if fill else "no prompt"),
@@ -215,15 +229,13 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks")
     parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first is the baseline")
-    parser.add_argument("--no-fill", default="", help="memory: variants measured without the prompt (allocation only)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="variants, the first is the baseline")
+    parser.add_argument("--no-fill", nargs="*", default=[], help="memory: variants measured without the prompt")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     args = parser.parse_args()
-    args.variants = args.variants.split(",")
-    args.no_fill = args.no_fill.split(",")
     for v in args.variants:
-        if v not in VARIANTS:
-            parser.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}")
+        if v.split(";")[0] not in VARIANTS:
+            parser.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}, then ;NAME=VALUE settings")
     args.ctx = args.ctx or (16384 if args.what == "memory" else 4096)
     args.model = default_model_path()
     args.out.mkdir(parents=True, exist_ok=True)

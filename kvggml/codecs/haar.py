@@ -13,7 +13,16 @@ from typing import ClassVar
 import numpy as np
 
 from kvggml.codecs.base import Codec, check_layer, check_role, parse_dotted, parse_flag, parse_float, require
-from kvggml.codecs.haar_format import MAX_BITS, MAX_LEVELS, Band, block_sizes, pack_block, quantize_band, reconstruct
+from kvggml.codecs.haar_format import (
+    MAX_BITS,
+    MAX_LEVELS,
+    Band,
+    block_sizes,
+    coarsen_bands,
+    pack_block,
+    quantize_band,
+    reconstruct,
+)
 from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.presets import preset_bits
 from kvggml.wavelet import haar_forward, subband_slices
@@ -100,6 +109,38 @@ class HaarCodec(Codec):
         rotation = self._rotation(heads * head_dim, head_dim)
         decoded = reconstruct(bands, len(blocks), self.levels, heads * head_dim, self.group, rotation)
         return decoded.reshape(x.shape), int(block_sizes(bands, len(blocks), self.levels).sum())
+
+    def ladder(self, x: np.ndarray, widths: list[tuple[int, ...]]) -> list[list[Band | None]]:
+        """Every block of a layer (n_tokens, n_heads, head_dim) quantized, then coarsened along `widths`
+        one step at a time as the library does (docs/FORMAT.md, section 10): entry s is step s."""
+        check_layer(x, self.block_tokens)
+        n, heads, head_dim = x.shape
+        steps = [self._quantize(x.reshape(n // self.block_tokens, self.block_tokens, heads * head_dim), head_dim)]
+        for bits in widths:
+            steps.append(coarsen_bands(steps[-1], tuple(min(a, b) for a, b in zip(bits, self.bits, strict=True))))
+        return steps
+
+    def ladder_sizes(self, ladder: list[list[Band | None]]) -> np.ndarray:
+        """Bytes of each block at each step: (n_blocks, steps)."""
+        n_blocks = next(band.q.shape[0] for band in ladder[0] if band is not None)
+        return np.stack([block_sizes(bands, n_blocks, self.levels) for bands in ladder], axis=1)
+
+    def decode_ladder(self, ladder: list[list[Band | None]], steps: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The layer decoded with block b at step steps[b]."""
+        n, heads, head_dim = shape
+        out = np.empty((len(steps), self.block_tokens, heads * head_dim), np.float32)
+        rotation = self._rotation(heads * head_dim, head_dim)
+        for step, bands in enumerate(ladder):
+            chosen = steps == step
+            if chosen.any():
+                picked = [
+                    None if b is None else Band(b.bits, b.present[chosen], b.scale_bits[chosen], b.q[chosen])
+                    for b in bands
+                ]
+                out[chosen] = reconstruct(
+                    picked, int(chosen.sum()), self.levels, heads * head_dim, self.group, rotation
+                )
+        return out.reshape(shape)
 
     def encode_block(self, block: np.ndarray, head_dim: int) -> bytes:
         """Serialize one float32 (B, C) block; C = n_heads * head_dim. Format: docs/FORMAT.md."""

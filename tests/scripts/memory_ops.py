@@ -5,7 +5,8 @@
 Prints a JSON report and saves the logits it compares to OUT.npz. Each context picks
 compression through OLLAMA_KV_COMPRESSION when it is created, so one process holds both
 kinds; with compression off the patched library computes exactly what stock llama.cpp
-does (tests/test_tier.py). Environment: KVGGML_LIB=patched, OLLAMA_KV_COMPRESSION_THRESHOLD.
+does (tests/test_tier.py).
+Environment: KVGGML_LIB=patched, OLLAMA_KV_COMPRESSION_THRESHOLD, OLLAMA_KV_COMPRESSION_SCHEDULE.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Scenario:
             if compress:
                 self.report["stats"] = native.get_stats(run.ctx)
                 self.report["segments"] = self.segments(run)
+                self.report["steps"] = [s["step"] for s in native.get_segments(run.ctx, 0)]
             return run.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
 
         self.both("read", steps)
@@ -133,10 +135,12 @@ class Scenario:
             saved = run.get_state()
             self.report["state_bytes"] = len(saved)
             self.report["compressed_tokens"] = native.get_stats(run.ctx)["compressed_tokens"]
+            self.report["saved_steps"] = [s["step"] for s in native.get_segments(run.ctx, 0)]
             self.logits["original"] = run.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
         with self.context(True) as restored:
             restored.set_state(saved)
             self.report["restored_segments"] = len(native.get_segments(restored.ctx, 0))
+            self.report["restored_steps"] = [s["step"] for s in native.get_segments(restored.ctx, 0)]
             self.logits["restored"] = restored.decode(self.text[READ : READ + NEXT], READ, want_logits=True)
             damaged = {
                 "truncated": saved[: len(saved) // 2],
