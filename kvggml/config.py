@@ -127,7 +127,7 @@ SETTINGS: dict[str, Setting] = {
     "preset": Setting(
         "OLLAMA_KV_COMPRESSION_PRESET",
         "balanced",
-        "bits per wavelet subband (see Presets): hi (5.2 bits/element), balanced (3.5), lo (3.4)",
+        "bits per wavelet subband (see Presets): fine (6.7 bits/element), hi (5.2), balanced (3.5), lo (3.4)",
         choices=tuple(PRESETS),
     ),
     "sinks": Setting(

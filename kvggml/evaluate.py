@@ -94,9 +94,11 @@ class RowResult:
     top1_agree: float
     bits_per_element: float  # over the tokens the row compressed (16 = untouched)
     compressed_tokens: int
+    compressed_bytes: int  # what the row's codec or policy stored for them (stock: its whole cache)
     kv_bytes: int  # whole KV cache at N tokens: exact cells + compressed
     kv_ratio_f16: float  # kv_bytes / f16 bytes of the same cache
     seconds: float
+    blocks_per_step: list[int]  # the `kvggml` row: blocks at each step of the hierarchy's ladder
 
 
 class Reference:
@@ -244,7 +246,9 @@ def evaluate(
                     description=f"llama.cpp's own {row.stock_type} cache, every token",
                     bits_per_element=bits,
                     compressed_tokens=n_prefill,
+                    compressed_bytes=kv_bytes,
                     kv_bytes=kv_bytes,
+                    blocks_per_step=[],
                 )
             else:
                 state = KVState.parse(blob)
@@ -260,15 +264,18 @@ def evaluate(
                     ref_run.remove(*evicted)
                 logits = ref_run.decode(scored, n_prefill, want_logits=True)
                 kv_bytes = f16_bytes - 2 * elements + nbytes
+                per_step = np.bincount(steps, minlength=len(row.policy.ladder()) + 1).tolist() if row.policy else []
                 extra = dict(
                     description=row.codec.description
                     if row.codec
-                    else policy_description(row.policy, steps)
+                    else policy_description(row.policy, per_step)
                     if row.policy
                     else "state read and written back unchanged",
                     bits_per_element=8.0 * nbytes / elements if elements else 16.0,
                     compressed_tokens=n_tok,
+                    compressed_bytes=nbytes,
                     kv_bytes=kv_bytes,
+                    blocks_per_step=per_step,
                 )
             results.append(
                 RowResult(
@@ -294,11 +301,10 @@ def evaluate(
     )
 
 
-def policy_description(config: CompressionConfig, steps: np.ndarray) -> str:
+def policy_description(config: CompressionConfig, per_step: list[int]) -> str:
     """The library's settings, and how many blocks ended at each ladder step."""
     settings = [f"{k.removeprefix('OLLAMA_KV_COMPRESSION_')}={v}" for k, v in config.to_env().items() if v][1:]
-    counts = np.bincount(steps, minlength=len(config.ladder()) + 1).tolist()
-    return f"the library's policy ({', '.join(settings)}); blocks per ladder step {counts}"
+    return f"the library's policy ({', '.join(settings)}); blocks per ladder step {per_step}"
 
 
 def format_table(report: dict) -> str:

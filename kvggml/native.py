@@ -194,7 +194,7 @@ def set_settings(ctx, **changes) -> dict:
         setattr(settings, name, value)
     preset = str(new["preset"]).encode()
     if len(preset) >= len(settings.preset):
-        raise ValueError(f"preset={new['preset']!r} is not allowed: expected one of hi, balanced, lo")
+        raise ValueError(f"preset={new['preset']!r} is not allowed: expected one of fine, hi, balanced, lo")
     settings.preset = preset
     lib = open_library()
     if lib.kvggml_set_settings(_pointer(ctx), settings) < 0:

@@ -5,7 +5,10 @@ from __future__ import annotations
 # Subband widths of the named presets: A_L, then details D_1 (finest), D_2, D_3, D_4 and coarser.
 # Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); the library reads the same table
 # (kvggml/csrc/config.cpp) for OLLAMA_KV_COMPRESSION_PRESET.
+# "fine" (6.7 bits/element) was added for a cache at stock q8_0's quality in less memory
+# (README, "The hierarchy").
 PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
+    "fine": (8, (6, 6, 7, 8)),
     "hi": (8, (4, 5, 6, 7)),
     "balanced": (6, (3, 3, 3, 4)),
     "lo": (4, (3, 3, 3, 3)),

@@ -160,9 +160,12 @@ def run_perplexity(variant: str, args, extra: list[str]) -> str:
 
 
 def measure_quality(args) -> list[dict]:
-    base = args.out / f"kld-base-c{args.ctx}.bin"
-    print(f"[quality] stock f16 base logits -> {base}", file=sys.stderr, flush=True)
-    run_perplexity("stock f16", args, ["--kl-divergence-base", str(base)])
+    base = args.out / f"kld-base-c{args.ctx}-chunks{args.chunks}.bin"
+    if base.exists() and args.reuse_base:
+        print(f"[quality] stock f16 base logits from {base}", file=sys.stderr, flush=True)
+    else:
+        print(f"[quality] stock f16 base logits -> {base}", file=sys.stderr, flush=True)
+        run_perplexity("stock f16", args, ["--kl-divergence-base", str(base)])
     rows = []
     for variant in args.variants:
         print(f"[quality] {variant}", file=sys.stderr, flush=True)
@@ -232,6 +235,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="variants, the first is the baseline")
     parser.add_argument("--no-fill", nargs="*", default=[], help="memory: variants measured without the prompt")
     parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--reuse-base", action="store_true", help="quality: keep stock f16 logits from an earlier run")
     args = parser.parse_args()
     for v in args.variants:
         if v.split(";")[0] not in VARIANTS:

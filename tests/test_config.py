@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kvggml.config import SETTINGS, CompressionConfig, ConfigError, markdown_table
+from kvggml.config import SETTINGS, CompressionConfig, ConfigError, Step, markdown_table
 from kvggml.library import choose_library
 
 pytestmark = pytest.mark.fast
@@ -30,6 +30,20 @@ def test_values_are_parsed():
     assert CompressionConfig.from_env(config.to_env()) == config
 
 
+def test_hierarchy_settings_are_parsed():
+    env = {"OLLAMA_KV_COMPRESSION_SCHEDULE": "2048:6.4.3.3.0, 4096:6.4.3.0.0", "OLLAMA_KV_COMPRESSION_BUDGET": "512MiB"}
+    config = CompressionConfig.from_env(env)
+    assert config.schedule == (Step(2048, (6, 4, 3, 3, 0)), Step(4096, (6, 4, 3, 0, 0)))
+    assert config.ladder() == config.schedule and config.budget == (512 << 20, 0.0)
+    assert CompressionConfig.from_env(config.to_env()) == config
+    assert CompressionConfig.from_env({"OLLAMA_KV_COMPRESSION_BUDGET": "0.25"}).budget == (0, 0.25)
+    assert CompressionConfig.from_env({"OLLAMA_KV_COMPRESSION_BUDGET": "3GB"}).budget == (3 * 10**9, 0.0)
+    # a budget without a schedule walks the preset's detail subbands, finest first, at no age
+    ladder = CompressionConfig.from_env({"OLLAMA_KV_COMPRESSION_BUDGET": "0.2"}).ladder()
+    assert [s.bits for s in ladder] == [(6, 4, 3, 3, 0), (6, 4, 3, 0, 0), (6, 4, 0, 0, 0)]
+    assert CompressionConfig.from_env({}).ladder() == ()
+
+
 BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION", "2", "out of range: expected an integer from 0 to 1"),
     ("OLLAMA_KV_COMPRESSION", "yes", "is not an integer: expected an integer from 0 to 1"),
@@ -37,9 +51,18 @@ BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION_THRESHOLD", "512.5", "is not an integer"),
     ("OLLAMA_KV_COMPRESSION_LEVEL", "0", "out of range: expected an integer from 1 to 6"),
     ("OLLAMA_KV_COMPRESSION_LEVEL", "7", "out of range: expected an integer from 1 to 6"),
-    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "is not allowed: expected one of hi, balanced, lo"),
+    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "is not allowed: expected one of fine, hi, balanced, lo"),
     ("OLLAMA_KV_COMPRESSION_SINKS", "99999", "out of range: expected an integer from 0 to 4096"),
     ("OLLAMA_KV_COMPRESSION_HADAMARD", "on", "is not an integer: expected an integer from 0 to 1"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048", "is not a schedule: expected AGE:WIDTHS steps"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:6.4.3", "expected 5 dot-separated widths (A_L, D_L, ..., D_1)"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:6.4.3.3.1", "each 0 or 2 to 16"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:6.5.3.3.0", "widens subband 1"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:6.4.3.3.0,1024:6.4.3.0.0", "must be older and narrower"),
+    ("OLLAMA_KV_COMPRESSION_BUDGET", "lots", "is not a size: expected bytes"),
+    ("OLLAMA_KV_COMPRESSION_BUDGET", "12TiB", "is not a size: expected bytes"),
+    ("OLLAMA_KV_COMPRESSION_BUDGET", "1.5", "is out of range: expected bytes"),
+    ("OLLAMA_KV_COMPRESSION_BUDGET", "0", "is not a size"),
 ]
 
 

@@ -144,7 +144,7 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
         (
             "OLLAMA_KV_COMPRESSION_PRESET",
             "max",
-            "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of hi, balanced, lo",
+            "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of fine, hi, balanced, lo",
         ),
     ],
 )

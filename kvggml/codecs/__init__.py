@@ -54,6 +54,7 @@ CODECS: dict[str, Codec] = {
         Pooling(levels=1, name="pool2"),
         Pooling(levels=2, name="pool4"),
         Eviction(),
+        HaarCodec(bits=preset_bits("fine", 4), name="haar-fine"),
         HaarCodec(bits=preset_bits("hi", 4), name="haar-hi"),
         HaarCodec(name="haar"),
         HaarCodec(bits=preset_bits("lo", 4), name="haar-lo"),

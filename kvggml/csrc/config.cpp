@@ -19,6 +19,7 @@ struct Preset {
 
 // Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); kvggml/presets.py holds the same table.
 constexpr Preset kPresets[] = {
+    {"fine",     8, {6, 6, 7, 8}},
     {"hi",       8, {4, 5, 6, 7}},
     {"balanced", 6, {3, 3, 3, 4}},
     {"lo",       4, {3, 3, 3, 3}},
@@ -190,7 +191,7 @@ Config Config::from_env() {
         const std::string value = trim(raw);
         if (!is_preset(value)) {
             throw std::invalid_argument(std::string("OLLAMA_KV_COMPRESSION_PRESET='") + raw +
-                                        "' is not allowed: expected one of hi, balanced, lo");
+                                        "' is not allowed: expected one of fine, hi, balanced, lo");
         }
         c.preset = value;
     }

@@ -51,7 +51,7 @@ struct Config {
     static Config from_env();
 };
 
-// One of the preset names: hi, balanced, lo.
+// One of the preset names: fine, hi, balanced, lo.
 bool is_preset(const std::string & name);
 
 } // namespace kvggml

@@ -405,7 +405,7 @@ void Tier::append_copy(const Block & blk, const std::vector<Stream> & from_k, co
 
 void Tier::set_settings(const Settings & s) {
     if (!is_preset(s.preset)) {
-        throw std::invalid_argument("preset '" + s.preset + "' is not allowed: expected one of hi, balanced, lo");
+        throw std::invalid_argument("preset '" + s.preset + "' is not allowed: expected one of fine, hi, balanced, lo");
     }
     if ((uint64_t) s.sinks + s.threshold > cells_for_recent) {
         throw std::invalid_argument("threshold + sinks = " + std::to_string((uint64_t) s.sinks + s.threshold) +

@@ -193,7 +193,7 @@ typedef struct kvggml_settings {
     uint32_t sinks;            // first tokens per sequence kept exact
     uint32_t level;            // Haar levels, a block is 2^level tokens: fixed at context creation
     uint32_t recent_capacity;  // largest sinks + threshold: what the cache was sized for (read-only)
-    char     preset[16];       // "hi", "balanced" or "lo" (NUL-terminated)
+    char     preset[16];       // "fine", "hi", "balanced" or "lo" (NUL-terminated)
 } kvggml_settings;
 
 KVGGML_API int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out);

@@ -1,0 +1,106 @@
+"""The resolution hierarchy in the patched library: coarsening by age (OLLAMA_KV_COMPRESSION_SCHEDULE)
+and under a memory budget (OLLAMA_KV_COMPRESSION_BUDGET), on the default model.
+
+The coarsening of one block is checked bit for bit in tests/test_codec.py and test_c_codec.py, the
+memory operations over coarsened blocks in tests/test_memory_ops.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import child_env, last_json, run_script
+from test_config import BAD_VALUES
+from test_tier import ON, TOKENS, probe
+
+from kvggml.config import CompressionConfig, ConfigError
+from kvggml.metrics import mean_kld
+
+SCHEDULE = {"OLLAMA_KV_COMPRESSION_SCHEDULE": "512:6.4.3.3.0,1024:6.4.3.0.0"}
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [(n, v) for n, v, _ in BAD_VALUES if n in ("OLLAMA_KV_COMPRESSION_SCHEDULE", "OLLAMA_KV_COMPRESSION_BUDGET")],
+)
+def test_the_library_refuses_a_bad_hierarchy_setting_as_python_does(tmp_path, name, value):
+    with pytest.raises(ConfigError) as err:
+        CompressionConfig.from_env({name: value})
+    report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0)
+    assert "could not create a context" in report["error"]
+    assert f"kvggml: error: {err.value}" in report["stderr"]
+
+
+def test_a_budget_that_cannot_hold_n_ctx_is_refused_with_the_least_it_needs(tmp_path):
+    report = probe(tmp_path, "patched", {**ON, "OLLAMA_KV_COMPRESSION_BUDGET": "0.1"}, logits_last=0)
+    assert "could not create a context" in report["error"]
+    # n_ctx 4096: f16 cells of 800 tokens, and 256 blocks with only A_L and D_L left
+    assert (
+        "kvggml: error: OLLAMA_KV_COMPRESSION_BUDGET is 9437184 bytes, below what this context can need: "
+        in report["stderr"]
+    )
+    assert (
+        "(18432000 in exact cells, every block at its coarsest widths 6.4.0.0.0): allowed at least" in report["stderr"]
+    )
+
+
+def test_the_schedule_coarsens_blocks_as_they_age_and_reports_each_step(tmp_path):
+    report = probe(tmp_path, "patched", {**ON, **SCHEDULE}, logits_last=0, callback="record")
+    segments, events = report["segments"], report["events"]
+    # ages are counted from the newest token, TOKENS - 1
+    assert [s["step"] for s in segments] == [
+        2 if TOKENS - s["p1"] >= 1024 else 1 if TOKENS - s["p1"] >= 512 else 0 for s in segments
+    ]
+    widths = {0: [6, 4, 3, 3, 3], 1: [6, 4, 3, 3, 0], 2: [6, 4, 3, 0, 0]}
+    assert all(s["bits"] == widths[s["step"]] for s in segments)
+    assert report["step_map"] == [s["step"] + 1 for s in segments]
+    # every step is an event, with the block's size before and after; the last event of a block is its segment
+    coarsened = [e for e in events if e["step"] > 0]
+    assert len(coarsened) == report["stats"]["coarsenings"] == sum(s["step"] for s in segments)
+    assert all(e["bytes_after"] < 0.7 * e["bytes_before"] for e in coarsened)
+    last = {(e["p0"], e["p1"]): (e["step"], e["bytes_after"]) for e in events}
+    assert [last[s["p0"], s["p1"]] for s in segments] == [(s["step"], s["bytes"]) for s in segments]
+
+
+def test_the_budget_holds_after_every_micro_batch_while_the_context_fills():
+    n_ctx, budget = 2048, 0.25
+    env = child_env(**ON, OLLAMA_KV_COMPRESSION_BUDGET=str(budget))
+    out = last_json(run_script("budget", str(n_ctx), "1200", "64", env=env, timeout=900))
+    stats = out["stats"]
+    assert out["positions"] == n_ctx and out["callback_errors"] == []
+    assert stats["budget_bytes"] == int(budget * stats["exact_bytes"] / stats["exact_cells"] * n_ctx)
+    assert len(out["totals"]) == 1200 // 64 + 1 + n_ctx - 1200
+    assert max(out["totals"]) <= stats["budget_bytes"]
+    # the budget was binding: the oldest blocks coarsened first, down the preset's ladder
+    steps = out["steps"]
+    assert stats["coarsenings"] > 0 and steps == sorted(steps, reverse=True) and steps[0] == 3
+    assert out["totals"][-1] > 0.97 * stats["budget_bytes"]
+
+
+def test_the_offline_evaluator_runs_the_same_policy(tmp_path, llama_cpp, model_path, text, monkeypatch):
+    from kvggml.evaluate import Row, evaluate
+
+    n_prefill, n_score = 2048, 512
+    # the schedule's later steps are the budget's: no block is that old
+    hierarchy = {
+        "OLLAMA_KV_COMPRESSION_SCHEDULE": "1024:6.4.3.3.0,1000000:6.4.3.0.0,2000000:6.4.0.0.0",
+        # the exact cells (all 2560: a 2048-token batch) and 4.5 MB of blocks
+        "OLLAMA_KV_COMPRESSION_BUDGET": str(2560 * 23040 + 4_500_000),
+    }
+    args = dict(n_ctx=n_prefill + n_score, n_batch=n_prefill, tokens=n_prefill + n_score, logits_last=n_score)
+    stock = probe(tmp_path, "stock", **args)
+    native = probe(tmp_path, "patched", {"OLLAMA_KV_COMPRESSION": "1", **hierarchy}, callback="record", **args)
+    for name, value in hierarchy.items():
+        monkeypatch.setenv(name, value)
+    offline = evaluate(
+        llama_cpp, model_path, text, [Row.parse("kvggml")], n_prefill, n_score, 512, 4, n_threads=2, n_batch=n_prefill
+    )["rows"][0]
+    # the same blocks at the same steps, coded bit for bit alike: the same bytes
+    after_prefix = native["stats_after_prefix"]
+    assert after_prefix["compressed_tokens"] == offline["compressed_tokens"] == 1520
+    assert after_prefix["compressed_bytes"] == offline["compressed_bytes"]
+    assert after_prefix["coarsenings"] == sum(k * n for k, n in enumerate(offline["blocks_per_step"]))
+    # the youngest as encoded, older ones at the schedule's step, the oldest taken down by the budget
+    young, scheduled, _, oldest = offline["blocks_per_step"]
+    assert young > 0 and scheduled > 0 and oldest > 0
+    native_kld = mean_kld(stock["logits"], native["logits"])
+    assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
