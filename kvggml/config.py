@@ -249,5 +249,6 @@ def markdown_table() -> str:
     """The README's table of variables."""
     rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
     for setting in SETTINGS.values():
-        rows.append(f"| `{setting.env}` | `{setting.default}` | {setting.allowed()} | {setting.help} |")
+        default = f"`{setting.default}`" if setting.default != "" else "unset"
+        rows.append(f"| `{setting.env}` | {default} | {setting.allowed()} | {setting.help} |")
     return "\n".join(rows)

@@ -46,6 +46,9 @@ class Compression:
     def bitmap(self, seq_id: int = 0) -> list[bool]:
         return native.get_bitmap(self._llm.ctx, seq_id)
 
+    def step_map(self, seq_id: int = 0) -> list[int]:
+        return native.get_step_map(self._llm.ctx, seq_id)
+
     def on_compress(self, fn: Callable[[dict], None] | None) -> None:
         """Call fn(event) for each block compressed from now on (None removes it); see native.CompressCallback."""
         if self._callback is not None:

@@ -4,6 +4,8 @@
     measure_tier.py memory   [--ctx 16384]           KV bytes (library accounting) and peak RSS
     measure_tier.py quality  [--ctx 4096 --chunks 4] llama-perplexity --kl-divergence vs stock f16 logits
     measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth
+    measure_tier.py frontier                         KV bytes against KLD, from the memory and
+                                                     quality JSONs of the same --out: a table and a PNG
 
 A variant is a name of VARIANTS, optionally followed by settings of the hierarchy, each
 `;NAME=VALUE` for OLLAMA_KV_COMPRESSION_NAME: "kvggml hi;THRESHOLD=256;BUDGET=0.2".
@@ -217,6 +219,57 @@ def measure_speed(args) -> list[dict]:
     return rows
 
 
+def measure_frontier(args) -> list[dict]:
+    """Each variant measured for both memory and quality: its KV bytes at the end of a full context
+    against its KLD, with the f16 part reported apart, plotted one point per variant."""
+    memory = {r["variant"]: r for r in json.loads((args.out / "tier-memory.json").read_text())["rows"]}
+    quality = json.loads((args.out / "tier-quality.json").read_text())["rows"]
+    f16 = memory["stock f16"]["kv_mib"]
+    rows = []
+    for q in quality:
+        m = memory.get(q["variant"])
+        if m is None:
+            continue
+        stats = m["stats"] or {}
+        rows.append(
+            {
+                "variant": q["variant"],
+                "kv_mib": m["kv_mib"],
+                "vs_f16": m["kv_mib"] / f16,
+                "exact_f16_mib": stats.get("exact_bytes", 0) / 2**20,
+                "kld_mean": q["kld_mean"],
+                "same_top_p": q["same_top_p"],
+            }
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for r in rows:
+        stock = r["variant"].startswith("stock")
+        ax.scatter(
+            100 * r["vs_f16"], r["kld_mean"], marker="s" if stock else "o", color="tab:red" if stock else "tab:blue"
+        )
+        ax.annotate(
+            r["variant"].removeprefix("kvggml "),
+            (100 * r["vs_f16"], r["kld_mean"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 3),
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel(f"KV memory at the end of a full {args.ctx}-token context, % of stock f16")
+    ax.set_ylabel("mean KLD against stock f16 (llama-perplexity, log)")
+    ax.set_title(f"{Path(args.model).name}: stock cache types and kvggml settings")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "tier-frontier.png")
+    plt.close(fig)
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     keys = [k for k in rows[0] if k != "stats"]
     print("| " + " | ".join(keys) + " |")
@@ -227,7 +280,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "quality", "speed"])
+    parser.add_argument("what", choices=["memory", "quality", "speed", "frontier"])
     parser.add_argument("--ctx", type=int, help="context (memory: 16384, quality: 4096)")
     parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks")
     parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
@@ -245,7 +298,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.text_file = args.out / "text.txt"
     args.text_file.write_text(default_text())
-    rows = {"memory": measure_memory, "quality": measure_quality, "speed": measure_speed}[args.what](args)
+    measure = {
+        "memory": measure_memory,
+        "quality": measure_quality,
+        "speed": measure_speed,
+        "frontier": measure_frontier,
+    }
+    rows = measure[args.what](args)
     (args.out / f"tier-{args.what}.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n"
     )
