@@ -4,6 +4,7 @@
     measure_tier.py memory   [--ctx 16384]           KV bytes (library accounting) and peak RSS
     measure_tier.py quality  [--ctx 4096 --chunks 4] llama-perplexity --kl-divergence vs stock f16 logits
     measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth
+    measure_tier.py recall   [--ctx 7600]            a planted fact at several depths and seeds, asked at the end
     measure_tier.py frontier                         KV bytes against KLD, from the memory and
                                                      quality JSONs of the same --out: a table and a PNG
 
@@ -75,6 +76,77 @@ def parse_variant(variant: str) -> tuple[str, str, str | None, dict[str, str]]:
         key, _, value = setting.partition("=")
         extra[f"OLLAMA_KV_COMPRESSION_{key}"] = value
     return lib, cache, preset, extra
+
+
+RECALL_PROBE = r"""
+import json, sys
+import numpy as np
+from kvggml.library import load_llama_cpp
+from kvggml.model import default_model_path
+n_ctx, depths, seeds = int(sys.argv[1]), [float(d) for d in sys.argv[2].split(",")], int(sys.argv[3])
+head, junk, tail = json.loads(sys.argv[4])
+llama_cpp = load_llama_cpp()
+llm = llama_cpp.Llama(model_path=str(default_model_path()), n_ctx=n_ctx, n_batch=512, n_threads=2, verbose=False)
+n_junk = (n_ctx - 96) // len(llm.tokenize(junk.encode(), add_bos=False))  # the most repetitions that fit
+results = []
+for seed in range(seeds):
+    key = str(np.random.default_rng(seed).integers(10000, 100000))
+    fact = f" The pass key is {key}. Remember it. {key} is the pass key."
+    for depth in depths:
+        cut = int(depth * n_junk)
+        prompt = head + junk * cut + fact + junk * (n_junk - cut) + tail
+        llm.reset()
+        out = llm.create_completion(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        results.append({"seed": seed, "depth": depth, "key": key, "answer": out, "recalled": key in out,
+                        "prompt_tokens": len(llm.tokenize(prompt.encode()))})
+        print(f"seed {seed} depth {depth}: {key in out} ({out.strip()!r})", file=sys.stderr, flush=True)
+print(json.dumps(results))
+"""
+
+
+def passkey_prompt() -> tuple[str, str, str]:
+    """(prefix, junk sentence, suffix) of llama.cpp's examples/passkey, read from the pinned source."""
+    source = (REPO / "vendor" / "llama.cpp" / "examples" / "passkey" / "passkey.cpp").read_text()
+    prefix = re.search(r'prompt_prefix = "([^"]+)"', source).group(1)
+    suffix = re.search(r'prompt_suffix = "([^"]+)"', source).group(1)
+    junk = re.search(r'params.prompt \+= "( The grass[^"]+)"', source).group(1)
+    return prefix, junk, suffix
+
+
+def measure_recall(args) -> list[dict]:
+    """llama.cpp's passkey test (examples/passkey: its prompt and junk text) as a completion: the key
+    at each depth for each seed, the same prompts for every variant."""
+    rows = []
+    for variant in args.variants:
+        print(f"[recall] {variant}", file=sys.stderr, flush=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                RECALL_PROBE,
+                str(args.ctx),
+                args.recall_depths,
+                str(args.seeds),
+                json.dumps(passkey_prompt()),
+            ],
+            env=variant_env(variant),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        if res.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{res.stderr[-3000:]}")
+        cases = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "variant": variant,
+                "recalled": sum(c["recalled"] for c in cases),
+                "cases": len(cases),
+                "prompt_tokens": max(c["prompt_tokens"] for c in cases),
+                "missed (depth/seed)": " ".join(f"{c['depth']}/{c['seed']}" for c in cases if not c["recalled"]) or "-",
+            }
+        )
+    return rows
 
 
 def variant_env(variant: str) -> dict:
@@ -280,7 +352,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "quality", "speed", "frontier"])
+    parser.add_argument("what", choices=["memory", "quality", "speed", "recall", "frontier"])
     parser.add_argument("--ctx", type=int, help="context (memory: 16384, quality: 4096)")
     parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks")
     parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
@@ -288,12 +360,14 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="variants, the first is the baseline")
     parser.add_argument("--no-fill", nargs="*", default=[], help="memory: variants measured without the prompt")
     parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--recall-depths", default="0.1,0.3,0.5,0.7,0.9", help="recall: where the key is")
+    parser.add_argument("--seeds", type=int, default=2, help="recall: keys and fillers per depth")
     parser.add_argument("--reuse-base", action="store_true", help="quality: keep stock f16 logits from an earlier run")
     args = parser.parse_args()
     for v in args.variants:
         if v.split(";")[0] not in VARIANTS:
             parser.error(f"unknown variant {v!r}: expected one of {', '.join(VARIANTS)}, then ;NAME=VALUE settings")
-    args.ctx = args.ctx or (16384 if args.what == "memory" else 4096)
+    args.ctx = args.ctx or {"memory": 16384, "recall": 7600}.get(args.what, 4096)
     args.model = default_model_path()
     args.out.mkdir(parents=True, exist_ok=True)
     args.text_file = args.out / "text.txt"
@@ -302,6 +376,7 @@ def main() -> int:
         "memory": measure_memory,
         "quality": measure_quality,
         "speed": measure_speed,
+        "recall": measure_recall,
         "frontier": measure_frontier,
     }
     rows = measure[args.what](args)
