@@ -146,6 +146,7 @@ def measure_recall(args) -> list[dict]:
                 "missed (depth/seed)": " ".join(f"{c['depth']}/{c['seed']}" for c in cases if not c["recalled"]) or "-",
             }
         )
+        print(f"[recall] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # kept if a later variant fails
     return rows
 
 
