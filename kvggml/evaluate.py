@@ -18,6 +18,7 @@ tokens it compressed, and the whole cache's size against f16 at N tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,6 +35,7 @@ from kvggml.hierarchy import block_steps, budget_bytes
 from kvggml.kvstate import KVState
 from kvggml.metrics import kld_per_row
 from kvggml.model import Runner
+from kvggml.plan import exact_cells, pad
 
 STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml type id, bits per element
 # haar-16 changes values by ~2e-5 (relative): its KLD is the measurement's noise floor, since any change
@@ -184,9 +186,8 @@ def apply_policy(
     ends = stream.positions[old].reshape(-1, codec.block_tokens).max(axis=1) + 1
     ages = stream.positions.max() + 1 - ends
     per_token = sum(2 * r.n_embd for r in roles)
-    n_ctx_seq = -(-n_ctx // 256) * 256  # llama.cpp pads the context
-    cells = min(-(-(sinks + window + codec.block_tokens + n_batch) // 32) * 32, n_ctx_seq)
-    budget = budget_bytes(config, per_token * n_ctx_seq)
+    cells = exact_cells(dataclasses.replace(config, sinks=sinks, threshold=window), n_ctx, n_batch)
+    budget = budget_bytes(config, per_token * pad(n_ctx, 256))
     steps = block_steps(ladder, ages, sizes, cells * per_token, budget)
     for rows in roles:
         values = rows.read(state.blob)

@@ -229,10 +229,16 @@ def block_bytes(config: CompressionConfig, channels: int) -> int:
     return len(codec.encode_block(block, channels))
 
 
+def exact_cells(config: CompressionConfig, n_ctx: int, n_batch: int = N_BATCH) -> int:
+    """The f16 cells the library allocates for one sequence (kvggml_cache_cells): sinks, window,
+    a block and a batch, padded to 32, at most the context (which llama.cpp pads to 256)."""
+    return min(pad(config.sinks + config.threshold + config.block_tokens + n_batch, 32), pad(n_ctx, 256))
+
+
 def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_read: int | None = None) -> Footprint:
     """A context of n_ctx tokens with compression on, once n_read of them were read (default: all)."""
     n_ctx_seq = pad(n_ctx, 256)
-    cells = min(pad(config.sinks + config.threshold + config.block_tokens + N_BATCH, 32), n_ctx_seq)
+    cells = exact_cells(config, n_ctx)
     n_read = n_ctx if n_read is None else n_read
     old = max(0, n_read - config.sinks - config.threshold) // config.block_tokens  # whole blocks
     per_block = sum(

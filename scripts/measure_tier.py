@@ -119,24 +119,9 @@ def measure_recall(args) -> list[dict]:
     rows = []
     for variant in args.variants:
         print(f"[recall] {variant}", file=sys.stderr, flush=True)
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                RECALL_PROBE,
-                str(args.ctx),
-                args.recall_depths,
-                str(args.seeds),
-                json.dumps(passkey_prompt()),
-            ],
-            env=variant_env(variant),
-            capture_output=True,
-            text=True,
-            cwd=REPO,
+        cases = run_probe(
+            variant, RECALL_PROBE, str(args.ctx), args.recall_depths, str(args.seeds), json.dumps(passkey_prompt())
         )
-        if res.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{res.stderr[-3000:]}")
-        cases = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(
             {
                 "variant": variant,
@@ -148,6 +133,16 @@ def measure_recall(args) -> list[dict]:
         )
         print(f"[recall] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # kept if a later variant fails
     return rows
+
+
+def run_probe(variant: str, probe: str, *args: str) -> object:
+    """Run a probe program with the variant's library and variables; the JSON of its last line."""
+    res = subprocess.run(
+        [sys.executable, "-c", probe, *args], env=variant_env(variant), capture_output=True, text=True, cwd=REPO
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def variant_env(variant: str) -> dict:
@@ -179,16 +174,7 @@ def measure_memory(args) -> list[dict]:
             file=sys.stderr,
             flush=True,
         )
-        res = subprocess.run(
-            [sys.executable, "-c", MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache]), "1" if fill else "0"],
-            env=variant_env(variant),
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-        if res.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{res.stderr}")
-        probe = json.loads(res.stdout.strip().splitlines()[-1])
+        probe = run_probe(variant, MEMORY_PROBE, str(args.ctx), str(GGML_TYPES[cache]), "1" if fill else "0")
         stats = probe["stats"]
         # kvggml: its exact cells + compressed blocks; stock: the cells it allocated for n_ctx
         kv_mib = (stats["exact_bytes"] + stats["compressed_bytes"]) / 2**20 if stats else probe["allocated_mib"]

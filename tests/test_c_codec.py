@@ -236,15 +236,9 @@ def test_coarsening_golden_vectors(codec_lib):
 def test_random_coarsenings_match_the_reference(codec_lib):
     rng = np.random.default_rng(11)
     for _ in range(300):
-        levels = int(rng.integers(0, 6))
-        head_dim = int(rng.choice([16, 32, 64]))
-        channels = head_dim * int(rng.integers(1, 4))
-        group = int(rng.choice([g for g in (4, 8, 16, 32, 64) if channels % g == 0]))
-        bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
-        codec = HaarCodec(levels=levels, bits=bits, group=group, threshold=float(rng.choice([0.0, 0.5])))
-        x = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
-        data = codec.encode_block(x.astype(np.float32), head_dim)
-        narrower = tuple(0 if b == 0 else int(rng.choice([0, *range(2, b + 1)])) for b in bits)
+        ref, head_dim, x16 = random_block(rng)
+        data = ref.encode_block(x16.astype(np.float32), head_dim)
+        narrower = tuple(0 if b == 0 else int(rng.choice([0, *range(2, b + 1)])) for b in ref.bits)
         assert coarsen(codec_lib, data, narrower) == (len(coarsen_block(data, narrower)), coarsen_block(data, narrower))
 
 
@@ -263,25 +257,30 @@ def test_malformed_blocks_are_rejected(codec_lib):
     assert check_invalid(codec_lib) >= 20
 
 
+def random_block(rng: np.random.Generator) -> tuple[HaarCodec, int, np.ndarray]:
+    """(codec, head_dim, f16 block) of random levels, heads, group, widths, rotation, threshold and scale."""
+    levels = int(rng.integers(0, 6))
+    head_dim = int(rng.choice([16, 32, 64]))
+    channels = head_dim * int(rng.integers(1, 4))
+    # groups of 4 start values mid-byte: the decoder's unaligned path
+    group = int(rng.choice([g for g in (4, 8, 16, 32, 64) if channels % g == 0]))
+    bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
+    hadamard = bool(rng.integers(0, 2))
+    threshold = float(rng.choice([0.0, 0.25, 0.5]))
+    x16 = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
+    return HaarCodec(levels=levels, bits=bits, hadamard=hadamard, group=group, threshold=threshold), head_dim, x16
+
+
 def test_random_blocks_match_the_reference(codec_lib):
     rng = np.random.default_rng(7)
     for _ in range(300):
-        levels = int(rng.integers(0, 6))
-        head_dim = int(rng.choice([16, 32, 64]))
-        channels = head_dim * int(rng.integers(1, 4))
-        # groups of 4 start values mid-byte: the decoder's unaligned path
-        group = int(rng.choice([g for g in (4, 8, 16, 32, 64) if channels % g == 0]))
-        bits = tuple(int(b) for b in rng.choice([0, 2, 3, 4, 5, 6, 8, 12, 16], size=levels + 1))
-        hadamard = bool(rng.integers(0, 2))
-        threshold = float(rng.choice([0.0, 0.25, 0.5]))
-        x16 = (rng.standard_normal((1 << levels, channels)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float16)
+        ref, head_dim, x16 = random_block(rng)
         x = x16.astype(np.float32)
-        ref = HaarCodec(levels=levels, bits=bits, hadamard=hadamard, group=group, threshold=threshold)
         data = ref.encode_block(x, head_dim)
-        params = make_params(levels, group, head_dim if hadamard else 1, threshold, bits)
+        params = make_params(ref.levels, ref.group, head_dim if ref.hadamard else 1, ref.threshold, ref.bits)
         assert encode(codec_lib, params, x) == data, ref.spec()
         assert encode_f16(codec_lib, params, x16) == data, ref.spec()
-        assert_decodes_to(codec_lib, data, channels, decode_block(data), ref.spec())
+        assert_decodes_to(codec_lib, data, x.shape[1], decode_block(data), ref.spec())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8, 12])
