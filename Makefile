@@ -5,6 +5,8 @@
 #   make lint     ruff's checks and format check (pyproject.toml), as CI runs them
 #   make sanitize build the patched library with AddressSanitizer + UBSan (build/sanitize) and run
 #                 the tier, memory-operation, state and Python-layer tests against it
+#   make fuzz     fuzz the block decoder and the saved-state loader (ASan + UBSan + edge coverage),
+#                 FUZZ_SECONDS each (default 600), after replaying tests/fuzz/regressions
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -13,7 +15,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast lint sanitize apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint sanitize fuzz apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,11 @@ SANITIZED_TESTS := tests/test_tier.py tests/test_memory_ops.py tests/test_llama.
 sanitize: setup
 	$(PY) scripts/vendor.py build stock sanitize -j $(JOBS)
 	KVGGML_TEST_PATCHED=sanitize $(PY) -m pytest $(SANITIZED_TESTS)
+
+FUZZ_SECONDS ?= 600
+
+fuzz: setup
+	$(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,13 @@ LIB_SETTING = Setting(
     "which libllama kvggml loads: the patched build, stock llama.cpp, or the patched build sanitized",
     choices=VARIANTS,
 )
+# For a sanitized build (`make sanitize`, `make fuzz`): stop at the first error, and catch aborts
+# (failed checks, GGML_ASSERT) too, so the fuzz driver can save the input that caused one. Python
+# keeps objects alive at exit on purpose: leaks are not what these runs look for.
+SANITIZER_OPTIONS = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:handle_abort=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
 REPO = Path(__file__).resolve().parent.parent
 # The symbol our first patch exports: present in the patched library only.
 KVGGML_SYMBOL = "kvggml_version_string"

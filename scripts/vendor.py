@@ -5,14 +5,14 @@
                               prints the sdist's path
     vendor.py apply-patches   vendor/llama.cpp = pinned source + patches/*.patch (a git checkout)
     vendor.py format-patches  write the commits of vendor/llama.cpp back to patches/
-    vendor.py build [stock|patched|sanitize ...]
+    vendor.py build [stock|patched|sanitize|fuzz|tsan ...]
                               build libllama, llama-perplexity and llama-bench (default: stock, patched)
 
 Layout (all git-ignored):
     build/cache/<sdist>        the verified download
     build/llama.cpp-stock/     pristine source, never edited
     vendor/llama.cpp/          git checkout: tag kvggml-base = pristine, branch kvggml = patched
-    build/stock/bin, build/patched/bin, build/sanitize/bin
+    build/<variant>/bin
                                shared libraries and tools of each variant
 
 Only the standard library is used, so this runs before anything is installed.
@@ -65,18 +65,24 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
-    # No AMX kernels in either tree: on AMX CPUs (Sapphire Rapids and later) ggml's AMX matmul
-    # crashes stock and patched alike (llama.cpp #20824). Explicit -mno-* flags win over
-    # -march=native whatever their order, in GCC and Clang. x86 only: other compilers do not know them.
-    *([f"-DCMAKE_C_FLAGS={' '.join(NO_AMX_FLAGS)}", f"-DCMAKE_CXX_FLAGS={' '.join(NO_AMX_FLAGS)}"] if X86 else []),
 ]
 # What each build adds. `sanitize` is the patched tree with AddressSanitizer and UBSan on libllama
 # (kvggml's code and llama.cpp's KV cache); ggml stays unsanitized, so tests keep their speed.
+# `fuzz` is `sanitize` with kvggml's sources calling __sanitizer_cov_trace_pc on every edge, which
+# the fuzz driver (tests/fuzz) defines: only libllama is built, as tools could not link it.
+# `tsan` is ThreadSanitizer on the whole tree, ggml's thread pool included (no OpenMP: its runtime
+# is not instrumented, so its barriers would look like races).
+SANITIZE = [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON"]
 VARIANT_OPTIONS = {
     "stock": [],
     "patched": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}"],
-    "sanitize": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON"],
+    "sanitize": SANITIZE,
+    "fuzz": [*SANITIZE, "-DKVGGML_COMPILE_OPTIONS=-fsanitize-coverage=trace-pc"],
+    "tsan": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_THREAD=ON", "-DGGML_OPENMP=OFF"],
 }
+# Compiler flags a build adds to the whole tree, ggml included.
+VARIANT_FLAGS = {"tsan": ["-fsanitize=thread"]}
+VARIANT_TARGETS = {"fuzz": ["llama"]}
 # KVGGML_CMAKE_OPTIONS adds options to both builds alike (stock stays comparable), e.g. "-DGGML_NATIVE=OFF".
 EXTRA_CMAKE_OPTIONS = shlex.split(os.environ.get("KVGGML_CMAKE_OPTIONS", ""))
 GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]
@@ -315,15 +321,21 @@ def configure(src: Path, out: Path, options: list[str], env: dict) -> bool:
 def build_variant(variant: str, jobs: int) -> None:
     src = STOCK_SRC if variant == "stock" else PATCHED_SRC
     out = BUILD / variant
-    options = [*CMAKE_OPTIONS, *EXTRA_CMAKE_OPTIONS, *VARIANT_OPTIONS[variant]]
+    # No AMX kernels in either tree: on AMX CPUs (Sapphire Rapids and later) ggml's AMX matmul
+    # crashes stock and patched alike (llama.cpp #20824). Explicit -mno-* flags win over
+    # -march=native whatever their order, in GCC and Clang. x86 only: other compilers do not know them.
+    flags = " ".join([*(NO_AMX_FLAGS if X86 else []), *VARIANT_FLAGS.get(variant, [])])
+    compiler_flags = [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"] if flags else []
+    options = [*CMAKE_OPTIONS, *compiler_flags, *EXTRA_CMAKE_OPTIONS, *VARIANT_OPTIONS[variant]]
     env = dict(os.environ)
     if shutil.which("ccache"):
         # Paths relative to the repo in the ccache key: a fresh clone (CI) reuses this machine's objects.
         env.setdefault("CCACHE_BASEDIR", str(REPO))
         env.setdefault("CCACHE_NOHASHDIR", "true")
     configure(src, out, options, env)
-    log(f"building {variant}: {', '.join(TARGETS)}")
-    run(["cmake", "--build", str(out), "--parallel", str(jobs), "--target", *TARGETS], env=env)
+    targets = VARIANT_TARGETS.get(variant, TARGETS)
+    log(f"building {variant}: {', '.join(targets)}")
+    run(["cmake", "--build", str(out), "--parallel", str(jobs), "--target", *targets], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

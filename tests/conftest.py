@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from kvggml.library import SANITIZER_OPTIONS
+
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
@@ -30,12 +32,7 @@ def sanitizer_env() -> dict[str, str]:
         subprocess.run(["cc", f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()
         for name in ("libasan.so", "libubsan.so")
     ]
-    return {
-        "LD_PRELOAD": " ".join(runtimes),
-        # Python keeps objects alive at exit on purpose: leaks are not what this run looks for
-        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
-    }
+    return {"LD_PRELOAD": " ".join(runtimes), **SANITIZER_OPTIONS}
 
 
 def child_env(lib: str = "patched", **variables: str) -> dict[str, str]:
