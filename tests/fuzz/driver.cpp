@@ -24,6 +24,7 @@
 #include <dirent.h>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -103,7 +104,10 @@ bool run_one(const Bytes & input) {
     current = input;
     std::memset(hits, 0, sizeof(hits));
     previous_block = 0;
-    LLVMFuzzerTestOneInput(current.data(), current.size());
+    // an allocation of exactly the input's size, so AddressSanitizer sees a read one byte past it
+    const std::unique_ptr<uint8_t[]> exact(new uint8_t[input.size()]);
+    std::copy(input.begin(), input.end(), exact.get());
+    LLVMFuzzerTestOneInput(exact.get(), input.size());
     bool fresh = false;
     for (size_t i = 0; i < kMapSize; ++i) {
         const uint8_t b = bucket(hits[i]);
@@ -129,7 +133,7 @@ Bytes mutate(const Bytes & base, const std::vector<Bytes> & corpus, std::mt19937
     const int n_changes = 1 + (int) pick(6);
     for (int i = 0; i < n_changes; ++i) {
         const size_t at = pick(b.size());
-        switch (pick(b.empty() ? 1 : 8)) {
+        switch (pick(b.empty() ? 1 : 9)) {
             case 0: {  // insert random bytes
                 const size_t n = 1 + pick(8);
                 for (size_t k = 0; k < n; ++k) {
@@ -163,6 +167,7 @@ Bytes mutate(const Bytes & base, const std::vector<Bytes> & corpus, std::mt19937
                 std::memmove(b.data() + at, b.data() + from, n);
                 break;
             }
+            case 7: b.resize(at); break;  // truncate: every parser's first defect
             default: {  // splice: this input's head, another's tail
                 const Bytes & other = corpus[pick(corpus.size())];
                 const size_t cut = pick(other.size());
