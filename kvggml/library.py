@@ -17,12 +17,14 @@ from types import ModuleType
 
 from kvggml.config import Setting
 
-# sanitize: the patched build with AddressSanitizer and UBSan (`make sanitize`)
-VARIANTS = ("stock", "patched", "sanitize")
+# sanitize: the patched build with AddressSanitizer and UBSan (`make sanitize`); tsan: the patched
+# build with ThreadSanitizer (`make tsan`)
+VARIANTS = ("stock", "patched", "sanitize", "tsan")
 LIB_SETTING = Setting(
     "KVGGML_LIB",
     "patched",
-    "which libllama kvggml loads: the patched build, stock llama.cpp, or the patched build sanitized",
+    "which libllama kvggml loads: the patched build, stock llama.cpp, or the patched build sanitized "
+    "(AddressSanitizer and UBSan, or ThreadSanitizer)",
     choices=VARIANTS,
 )
 # For a sanitized build (`make sanitize`, `make fuzz`): stop at the first error, and catch aborts
@@ -30,7 +32,7 @@ LIB_SETTING = Setting(
 # keeps objects alive at exit on purpose: leaks are not what these runs look for.
 SANITIZER_OPTIONS = {
     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:handle_abort=1",
-    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:abort_on_error=1:print_stacktrace=1",
 }
 REPO = Path(__file__).resolve().parent.parent
 # The symbol our first patch exports: present in the patched library only.

@@ -127,6 +127,7 @@ def main() -> int:
     out = build_dir() / "fuzz"
     exes = {t: e for t, e in build(out).items() if t in args.targets}
     env = {**os.environ, **SANITIZER_OPTIONS, "KVGGML_FUZZ_MODEL": str(default_model_path())}
+    env["UBSAN_OPTIONS"] += f":suppressions={FUZZ_SRC / 'ubsan.supp'}"
     if not replay(exes, env):
         print("fuzz.py: a regression input crashes again", file=sys.stderr)
         return 1

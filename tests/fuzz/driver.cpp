@@ -35,7 +35,7 @@ extern "C" int LLVMFuzzerInitialize(int * argc, char *** argv);
 namespace {
 
 constexpr size_t kMapSize = 1 << 16;
-constexpr size_t kMaxInput = 1 << 20;
+constexpr size_t kMaxInput = 4 << 20;  // saved states of the state target reach 2 MB
 uint8_t hits[kMapSize];          // this run's hit count per edge, saturating
 uint8_t seen_buckets[kMapSize];  // every hit-count bucket any input reached, one bit each
 thread_local uintptr_t previous_block;
