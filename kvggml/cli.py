@@ -191,9 +191,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
     model = model_path(args.model)
     config = CompressionConfig.from_env()  # a bad variable fails here, with its message, before loading anything
     os.environ["OLLAMA_KV_COMPRESSION"] = "0" if args.no_compression else "1"  # read at context creation
+    if args.engine == "llama-server":
+        return serve_llama_server(args, model)
+    if args.server_args:
+        raise ValueError(f"{' '.join(args.server_args)}: options after -- are for --engine llama-server")
     load_llama_cpp()  # binds llama_cpp to the chosen libllama before the server imports it
     import uvicorn
     from fastapi import Depends
@@ -205,7 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_chat_format(args.chat_format)
     threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
     app = server.create_app(
-        server_settings=ServerSettings(host=args.host, port=args.port),
+        # Requests queue for the one model: llama-cpp-python's default would cut a stream short
+        # (with no end to its chunked body) whenever another request arrives.
+        server_settings=ServerSettings(host=args.host, port=args.port, interrupt_requests=False),
         model_settings=[
             ModelSettings(
                 model=str(model),
@@ -217,6 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         ],
     )
+
+    answer_client_errors(app)
 
     @app.get("/kvggml/stats", summary="What the served context's KV cache holds")
     async def stats(proxy=Depends(server.get_llama_proxy)) -> dict:  # the model's lock: no read during a decode
@@ -231,6 +240,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
+
+
+def serve_llama_server(args: argparse.Namespace, model: Path) -> int:
+    """llama.cpp's own server, built from the patched tree: parallel slots, slot save and restore."""
+    from kvggml.library import library_dir
+
+    exe = library_dir("patched") / "llama-server"
+    if not exe.is_file():
+        raise FileNotFoundError(f"{exe}: not built; `make build` builds it with the patched library")
+    threads = ["-t", str(args.threads)] if args.threads else []
+    cmd = [str(exe), "-m", str(model), "-c", str(args.ctx), "--host", args.host, "--port", str(args.port), *threads]
+    if args.chat_format:
+        raise ValueError("--chat-format is llama-cpp-python's; llama-server takes --chat-template after --")
+    cmd += args.server_args
+    print(f"kvggml serve: {' '.join(cmd)}", flush=True)
+    os.execv(cmd[0], cmd)  # the server replaces this process: signals and exit status are its own
+
+
+def answer_client_errors(app) -> None:
+    """A malformed request gets 400, as OpenAI's API answers it, not 500: llama-cpp-python's route
+    handler reports every exception, a failed validation too, as an internal error, and fails on a
+    body that is not JSON while reporting it (json.JSONDecodeError escapes the handler)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from llama_cpp.server.errors import RouteErrorHandler
+
+    def invalid_request(message: str) -> dict:
+        return {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+
+    report = RouteErrorHandler.error_message_wrapper
+
+    def error_message_wrapper(self, error, body=None):
+        if isinstance(error, RequestValidationError):
+            return 400, invalid_request(f"invalid request: {error.errors()}")
+        return report(self, error, body)
+
+    RouteErrorHandler.error_message_wrapper = error_message_wrapper
+
+    async def not_json(request, exc: json.JSONDecodeError) -> JSONResponse:
+        return JSONResponse({"error": invalid_request(f"the request body is not JSON: {exc}")}, status_code=400)
+
+    app.add_exception_handler(json.JSONDecodeError, not_json)
 
 
 def positive(value: str) -> int:
@@ -310,10 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server, KV cache compressed")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server, KV cache compressed")
     add_context_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=positive, default=8000, help="listen port (default 8000)")
+    serve.add_argument(
+        "--engine",
+        choices=("llama-cpp-python", "llama-server"),
+        default="llama-cpp-python",
+        help="llama-cpp-python's server (one context; /kvggml/stats), or llama.cpp's llama-server built "
+        "from the patched tree (parallel slots, slot save/restore)",
+    )
+    serve.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: llama-server options, e.g. -- -np 4")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -6,7 +6,8 @@
     vendor.py apply-patches   vendor/llama.cpp = pinned source + patches/*.patch (a git checkout)
     vendor.py format-patches  write the commits of vendor/llama.cpp back to patches/
     vendor.py build [stock|patched|sanitize|fuzz|tsan ...]
-                              build libllama, llama-perplexity and llama-bench (default: stock, patched)
+                              build libllama, llama-perplexity and llama-bench, and llama-server
+                              for patched (default: stock, patched)
 
 Layout (all git-ignored):
     build/cache/<sdist>        the verified download
@@ -75,14 +76,15 @@ CMAKE_OPTIONS = [
 SANITIZE = [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON"]
 VARIANT_OPTIONS = {
     "stock": [],
-    "patched": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}"],
+    "patched": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_BUILD_SERVER=ON"],
     "sanitize": SANITIZE,
     "fuzz": [*SANITIZE, "-DKVGGML_COMPILE_OPTIONS=-fsanitize-coverage=trace-pc"],
     "tsan": [f"-DKVGGML_SOURCE_DIR={KVGGML_CSRC}", "-DLLAMA_SANITIZE_THREAD=ON", "-DGGML_OPENMP=OFF"],
 }
 # Compiler flags a build adds to the whole tree, ggml included.
 VARIANT_FLAGS = {"tsan": ["-fsanitize=thread"]}
-VARIANT_TARGETS = {"fuzz": ["llama"]}
+# The patched build adds llama.cpp's own server, which honours OLLAMA_KV_COMPRESSION like every tool.
+VARIANT_TARGETS = {"patched": [*TARGETS, "llama-server"], "fuzz": ["llama"]}
 # KVGGML_CMAKE_OPTIONS adds options to both builds alike (stock stays comparable), e.g. "-DGGML_NATIVE=OFF".
 EXTRA_CMAKE_OPTIONS = shlex.split(os.environ.get("KVGGML_CMAKE_OPTIONS", ""))
 GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]

@@ -2,66 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from conftest import child_env
+from servers import free_port, request, running
 
 THRESHOLD, SINKS, BLOCK = 32, 4, 16  # the window the server runs with, the default sinks and block size
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def request(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as response:
-        return json.load(response)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Base URL of a running `kvggml serve`; the server is stopped after the module's tests."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--threads", "2", "--ctx", "2048"],
-            env=child_env(OLLAMA_KV_COMPRESSION_THRESHOLD=str(THRESHOLD)),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within 180 s:\n{log.read_text()[-3000:]}")
-            try:
-                request(f"{url}/v1/models")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--threads", "2", "--ctx", "2048"]
+    env = child_env(OLLAMA_KV_COMPRESSION_THRESHOLD=str(THRESHOLD))
+    with running(cmd, env, tmp_path_factory.mktemp("server") / "stderr.txt", "/v1/models", port) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def chat(url: str, messages: list[dict]) -> dict:

@@ -62,6 +62,15 @@ bool kvggml_rotates_cache(const llama_hparams & hparams) {
     return cfg.enabled && cfg.hadamard && full_rope;
 }
 
+bool kvggml_kv_unified(bool kv_unified, uint32_t n_seq_max) {
+    if (kv_unified || n_seq_max == 1 || !config_from_env().enabled) {
+        return kv_unified;
+    }
+    LLAMA_LOG_INFO("%s: kvggml compression keeps the %u sequences of the split cache in one store; each "
+                   "still holds up to n_ctx / n_seq_max tokens\n", __func__, n_seq_max);
+    return true;
+}
+
 uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max) {
     const kvggml::Config cfg = config_from_env();
     if (!cfg.enabled) {

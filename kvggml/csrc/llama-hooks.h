@@ -24,6 +24,12 @@ namespace kvggml {
 class AttnInput;
 }
 
+// llama_context's constructor, once n_ctx_seq is set: whether the KV cache is unified. With
+// compression on and several sequences in split caches (llama-server's default), it becomes
+// unified: one tier holds every sequence's blocks and one set of f16 cells serves them all,
+// while each sequence keeps the n_ctx_seq a split cache would give it. Otherwise kv_unified.
+bool kvggml_kv_unified(bool kv_unified, uint32_t n_seq_max);
+
 // llama_model::create_memory: how many f16 cells the cache allocates. With compression
 // on: sinks + window + one block + one batch per sequence, not n_ctx. Throws
 // std::invalid_argument on a bad OLLAMA_KV_COMPRESSION* value (context creation fails).

@@ -1,0 +1,130 @@
+"""llama.cpp's own llama-server, built from the patched tree, with compression and parallel slots.
+
+The server runs as a user starts it: `-np 4` (split caches, llama-server's default; compression
+keeps them in one store), memory fitting on. Concurrent requests are compared with the same
+requests alone, against the same comparison with compression off, since batching changes
+rounding in stock llama.cpp too.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import child_env
+from servers import free_port, request, running
+
+from kvggml.library import library_dir
+from kvggml.model import default_model_path, default_text
+
+SLOTS, N_CTX, THRESHOLD = 4, 8192, 64  # 2048 tokens a slot, the window well inside each prompt
+KVGT = (0x5447564B).to_bytes(4, "little")  # the saved state's kvggml section starts with it
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """{compress: base URL} of two running llama-servers, compression on and off, and the folder
+    the compressed one saves slots to."""
+    slots_dir = tmp_path_factory.mktemp("slots")
+    exe = library_dir("patched") / "llama-server"
+    urls = {}
+    with running_server(exe, True, slots_dir, tmp_path_factory) as on:
+        urls[True] = on
+        with running_server(exe, False, slots_dir, tmp_path_factory) as off:
+            urls[False] = off
+            yield urls, slots_dir
+
+
+def running_server(exe, compress: bool, slots_dir, tmp_path_factory):
+    port = free_port()
+    cmd = [str(exe), "-m", str(default_model_path()), "-c", str(N_CTX), "-np", str(SLOTS), "-t", "2",
+           "--port", str(port), "--slot-save-path", str(slots_dir)]  # fmt: skip
+    env = child_env(OLLAMA_KV_COMPRESSION="1" if compress else "0", OLLAMA_KV_COMPRESSION_THRESHOLD=str(THRESHOLD))
+    log = tmp_path_factory.mktemp("llama-server") / "stderr.txt"
+    return running(cmd, env, log, "/health", port)
+
+
+def first_token_logprobs(url: str, prompts: list[str], at_once: bool) -> list[dict[str, float]]:
+    """For each prompt, read from scratch: the log-probabilities of the 10 likeliest next tokens."""
+
+    def post(prompt: str) -> dict[str, float]:
+        body = {"prompt": prompt, "n_predict": 1, "n_probs": 10, "temperature": 0, "cache_prompt": False}
+        reply = request(f"{url}/completion", body)
+        assert reply["tokens_evaluated"] > THRESHOLD + 4 + 16  # past the window by more than a block
+        return {p["token"]: p["logprob"] for p in reply["completion_probabilities"][0]["top_logprobs"]}
+
+    if not at_once:
+        return [post(prompt) for prompt in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(post, prompts))
+
+
+def divergence(a: dict[str, float], b: dict[str, float]) -> float:
+    """The largest log-probability difference of a token both have among their likeliest."""
+    return max(abs(a[token] - b[token]) for token in a.keys() & b.keys())
+
+
+def test_four_concurrent_requests_diverge_from_each_alone_no_more_than_batching_and_compression(servers):
+    """Four requests at once, each in its own slot, against the same requests one at a time.
+
+    Batching changes rounding: stock llama.cpp's next-token log-probabilities move by up to ~0.25
+    here between the two. Quantization can turn such a change into a step of the grid, so the
+    compressed server's own divergence is bounded by stock's plus what compression itself costs
+    (compressed against exact, alone). Another sequence's tokens leaking into a slot, or a slot's
+    blocks misplaced, would move them by whole units.
+    """
+    urls, _ = servers
+    text = default_text()
+    prompts = [text[i * 3000 : i * 3000 + 1800] for i in range(SLOTS)]
+    d_batch, d_compress = {True: [], False: []}, []
+    for _ in range(2):  # batching differs from run to run: two rounds
+        alone = {compress: first_token_logprobs(url, prompts, at_once=False) for compress, url in urls.items()}
+        for compress, url in urls.items():
+            together = first_token_logprobs(url, prompts, at_once=True)
+            d_batch[compress] += [divergence(a, t) for a, t in zip(alone[compress], together, strict=True)]
+        d_compress += [divergence(c, e) for c, e in zip(alone[True], alone[False], strict=True)]
+    print(f"concurrent against alone: compressed {d_batch[True]}, exact {d_batch[False]}; "
+          f"compressed against exact, alone: {d_compress}")  # fmt: skip
+    assert max(d_batch[True]) <= max(d_batch[False]) + max(d_compress)
+
+
+def completion(url: str, prompt: str, **options) -> dict:
+    body = {"prompt": prompt, "id_slot": 0, "cache_prompt": True, "temperature": 0, **options}
+    return request(f"{url}/completion", body)
+
+
+def test_a_saved_and_restored_slot_continues_with_identical_probabilities(servers):
+    urls, slots_dir = servers
+    url, text = urls[True], default_text()
+    prompt, more = text[:3000], text[3000:3400]
+    first = completion(url, prompt, n_predict=1)
+    assert first["tokens_evaluated"] > THRESHOLD + 4 + 16  # compressed blocks in the slot
+    saved = request(f"{url}/slots/0?action=save", {"filename": "slot0.bin"})
+    assert saved["n_saved"] > 0
+    assert KVGT in (slots_dir / "slot0.bin").read_bytes()  # the compressed blocks travel in the file
+
+    before = completion(url, prompt + more, n_predict=8, n_probs=5)
+    request(f"{url}/slots/0?action=erase", {})
+    restored = request(f"{url}/slots/0?action=restore", {"filename": "slot0.bin"})
+    assert restored["n_restored"] == saved["n_saved"]
+    after = completion(url, prompt + more, n_predict=8, n_probs=5)
+    assert after["tokens_cached"] == before["tokens_cached"]  # the same tokens came from the restored slot
+    assert after["completion_probabilities"] == before["completion_probabilities"]
+
+
+def test_a_corrupted_slot_file_is_refused_and_the_server_keeps_serving(servers):
+    urls, slots_dir = servers
+    url = urls[True]
+    completion(url, default_text()[:3000], n_predict=1)
+    request(f"{url}/slots/0?action=save", {"filename": "good.bin"})
+    data = bytearray((slots_dir / "good.bin").read_bytes())
+    data[data.index(KVGT) + 4096] ^= 0x40  # a byte inside the compressed blocks
+    (slots_dir / "bad.bin").write_bytes(bytes(data))
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        request(f"{url}/slots/0?action=restore", {"filename": "bad.bin"})
+    assert refused.value.code in (400, 500)
+    assert request(f"{url}/health")["status"] == "ok"
+    reply = completion(url, "The capital of France is", n_predict=4)
+    assert reply["content"].strip()
