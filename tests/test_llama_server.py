@@ -8,6 +8,7 @@ rounding in stock llama.cpp too.
 
 from __future__ import annotations
 
+import subprocess
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
@@ -128,3 +129,17 @@ def test_a_corrupted_slot_file_is_refused_and_the_server_keeps_serving(servers):
     assert request(f"{url}/health")["status"] == "ok"
     reply = completion(url, "The capital of France is", n_predict=4)
     assert reply["content"].strip()
+
+
+def test_a_bad_variable_stops_llama_server_with_its_reason():
+    exe = library_dir("patched") / "llama-server"
+    res = subprocess.run(
+        [str(exe), "-m", str(default_model_path()), "--port", str(free_port())],
+        env=child_env(OLLAMA_KV_COMPRESSION="1", OLLAMA_KV_COMPRESSION_LEVEL="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0
+    reason = "kvggml: error: OLLAMA_KV_COMPRESSION_LEVEL='0' is out of range: expected an integer from 1 to 6"
+    assert reason in res.stderr
