@@ -7,6 +7,7 @@
 #                 the tier, memory-operation, state and Python-layer tests against it
 #   make fuzz     fuzz the block decoder and the saved-state loader (ASan + UBSan + edge coverage),
 #                 FUZZ_SECONDS each (default 600), after replaying tests/fuzz/regressions
+#   make tsan     build everything with ThreadSanitizer (build/tsan) and run the thread tests against it
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -15,7 +16,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast lint sanitize fuzz apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint sanitize fuzz tsan apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,12 @@ FUZZ_SECONDS ?= 600
 
 fuzz: setup
 	$(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS)
+
+THREAD_TESTS := tests/test_threads.py
+
+tsan: setup
+	$(PY) scripts/vendor.py build tsan -j $(JOBS)
+	KVGGML_TEST_PATCHED=tsan $(PY) -m pytest $(THREAD_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

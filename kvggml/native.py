@@ -98,13 +98,25 @@ def _as_dict(record, ctype: str) -> dict:
     return {name: value(name, field) for name, field in ffi.typeof(ctype).fields}
 
 
+def _read_all(call, ctype: str, what: str):
+    """(buffer, n): call(buffer, n) asked for n items until it had room for all of them. Another
+    thread's decode may add some between asking how many there are and reading them."""
+    n = _check(call(ffi.NULL, 0), what)
+    while True:
+        buffer = ffi.new(f"{ctype}[]", max(n, 1))
+        found = _check(call(buffer, n), what)
+        if found <= n:
+            return buffer, found
+        n = found
+
+
 def get_segments(ctx, seq_id: int = -1) -> list[dict]:
     """Compressed blocks of one sequence (-1: all), in position order: seq_id, p0, p1, level, n_tokens,
     bytes, step (hierarchy steps taken) and bits (its subband widths now, level + 1 of them)."""
     lib = open_library()
-    n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_segments")
-    out = ffi.new("kvggml_segment[]", max(n, 1))
-    n = _check(lib.kvggml_get_segments(_pointer(ctx), seq_id, out, n), "kvggml_get_segments")
+    out, n = _read_all(
+        lambda buf, n: lib.kvggml_get_segments(_pointer(ctx), seq_id, buf, n), "kvggml_segment", "kvggml_get_segments"
+    )
     segments = [_as_dict(out[i], "kvggml_segment") for i in range(n)]
     for segment in segments:
         segment["bits"] = segment["bits"][: segment["level"] + 1]
@@ -114,18 +126,18 @@ def get_segments(ctx, seq_id: int = -1) -> list[dict]:
 def get_bitmap(ctx, seq_id: int) -> list[bool]:
     """One flag per block slot of the sequence (after the sinks): compressed or not."""
     lib = open_library()
-    n_bits = _check(lib.kvggml_get_bitmap(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_bitmap")
-    bits = ffi.new("uint8_t[]", max((n_bits + 7) // 8, 1))
-    _check(lib.kvggml_get_bitmap(_pointer(ctx), seq_id, bits, len(bits)), "kvggml_get_bitmap")
+    bits, n_bits = _read_all(
+        lambda buf, n: lib.kvggml_get_bitmap(_pointer(ctx), seq_id, buf, (n + 7) // 8), "uint8_t", "kvggml_get_bitmap"
+    )
     return [bool(bits[k // 8] >> (k % 8) & 1) for k in range(n_bits)]
 
 
 def get_step_map(ctx, seq_id: int) -> list[int]:
     """One value per block slot of the sequence, as get_bitmap: 0 not compressed, 1 + hierarchy step."""
     lib = open_library()
-    n = _check(lib.kvggml_get_step_map(_pointer(ctx), seq_id, ffi.NULL, 0), "kvggml_get_step_map")
-    steps = ffi.new("uint8_t[]", max(n, 1))
-    _check(lib.kvggml_get_step_map(_pointer(ctx), seq_id, steps, n), "kvggml_get_step_map")
+    steps, n = _read_all(
+        lambda buf, n: lib.kvggml_get_step_map(_pointer(ctx), seq_id, buf, n), "uint8_t", "kvggml_get_step_map"
+    )
     return list(steps[0:n])
 
 

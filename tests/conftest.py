@@ -21,8 +21,8 @@ from kvggml.library import SANITIZER_OPTIONS
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
-# `make sanitize` sets KVGGML_TEST_PATCHED=sanitize: children that ask for the patched library get
-# the sanitized build, with the sanitizer runtimes loaded first (Python itself is not built with them).
+# `make sanitize` sets KVGGML_TEST_PATCHED=sanitize (`make tsan`: tsan): children that ask for the patched
+# library get the sanitized build, with the sanitizer runtimes loaded first (Python itself is not built with them).
 PATCHED = os.environ.get("KVGGML_TEST_PATCHED", "patched")
 
 
@@ -35,13 +35,22 @@ def sanitizer_env() -> dict[str, str]:
     return {"LD_PRELOAD": " ".join(runtimes), **SANITIZER_OPTIONS}
 
 
+@functools.cache
+def tsan_env() -> dict[str, str]:
+    """`make tsan` (KVGGML_TEST_PATCHED=tsan): the ThreadSanitizer runtime loaded first; any report
+    makes the child exit with 66, so its test fails and shows the report."""
+    runtime = subprocess.run(["cc", "-print-file-name=libtsan.so"], capture_output=True, text=True, check=True)
+    return {"LD_PRELOAD": runtime.stdout.strip(), "TSAN_OPTIONS": "exitcode=66:second_deadlock_stack=1"}
+
+
 def child_env(lib: str = "patched", **variables: str) -> dict[str, str]:
     """A child process's environment: this one's, less any compression setting or library path
     the shell had, with KVGGML_LIB=lib (the library under test for "patched") and the given variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_KV_COMPRESSION")}
     env.pop("LLAMA_CPP_LIB_PATH", None)
     lib = PATCHED if lib == "patched" else lib
-    return {**env, **(sanitizer_env() if lib == "sanitize" else {}), "KVGGML_LIB": lib, **variables}
+    runtimes = sanitizer_env() if lib == "sanitize" else tsan_env() if lib == "tsan" else {}
+    return {**env, **runtimes, "KVGGML_LIB": lib, **variables}
 
 
 def run_script(

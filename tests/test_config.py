@@ -80,7 +80,7 @@ def test_every_setting_has_a_bad_value_test():
 
 def test_bad_library_choice():
     with pytest.raises(
-        ConfigError, match=r"KVGGML_LIB='patchd' is not allowed: expected one of stock, patched, sanitize"
+        ConfigError, match=r"KVGGML_LIB='patchd' is not allowed: expected one of stock, patched, sanitize, tsan"
     ):
         choose_library({"KVGGML_LIB": "patchd"})
 

@@ -52,6 +52,7 @@ int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kv
     if (out == nullptr && capacity > 0) {
         return fail("out is NULL with a capacity above 0");
     }
+    const auto lock = tier->read_lock();
     std::vector<size_t> order;
     for (size_t b = 0; b < tier->blocks().size(); ++b) {
         if (seq_id < 0 || tier->blocks()[b].seq == seq_id) {
@@ -102,6 +103,7 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
     if (seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
         return fail("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
     }
+    const auto lock = tier->read_lock();
     std::fill(bits, bits + n_bytes, 0);
     return for_each_slot(*tier, seq_id, [&](int64_t k, const kvggml::Block &) {
         if ((size_t) k / 8 < n_bytes) {
@@ -118,6 +120,7 @@ int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, ui
     if (seq_id < 0 || (steps == nullptr && n_bytes > 0)) {
         return fail("seq_id must be 0 or above, and steps not NULL with n_bytes above 0");
     }
+    const auto lock = tier->read_lock();
     std::fill(steps, steps + n_bytes, 0);
     return for_each_slot(*tier, seq_id, [&](int64_t k, const kvggml::Block & blk) {
         if ((size_t) k < n_bytes) {
@@ -131,8 +134,7 @@ int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress
     if (tier == nullptr) {
         return fail(no_tier(ctx));
     }
-    tier->on_compress = callback;
-    tier->on_compress_data = user_data;
+    tier->set_callback(callback, user_data);
     return KVGGML_OK;
 }
 
@@ -147,6 +149,7 @@ int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
     }
     out->exact_cells = kv->get_size();
     if (const kvggml::Tier * tier = kv->kvggml_tier.get()) {
+        const auto lock = tier->read_lock();  // one state: a decode on another thread may be changing it
         out->enabled           = 1;
         out->exact_bytes       = tier->exact_bytes();
         out->compressed_bytes  = tier->compressed_bytes();
@@ -168,6 +171,7 @@ int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * 
     if (out == nullptr) {
         return fail("out must not be NULL");
     }
+    const auto lock = tier->read_lock();
     const kvggml::Settings s = tier->settings();
     *out = kvggml_settings{};
     out->threshold = s.threshold;

@@ -131,6 +131,7 @@ void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, in
 }
 
 void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const {
+    const auto lock = read_lock();  // params_k/v: the API may change them from another thread
     const uint64_t t0 = now_us();
     const Stream & stream = view.is_v ? v_streams[view.ikv] : k_streams[view.ikv];
     const auto & params = view.is_v ? params_v : params_k;

@@ -69,7 +69,7 @@ std::vector<llama_pos> Tier::newest_positions() const {
     return newest;
 }
 
-void Tier::coarsen_old() {
+void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     if (steps.empty() || blks.empty()) {
         return;
     }
@@ -156,11 +156,10 @@ void Tier::coarsen_old() {
     }
     ++gen;
     encode_us += now_us() - t0;
-    for (size_t b = 0; b < blks.size() && on_compress; ++b) {
+    for (size_t b = 0; b < blks.size(); ++b) {
         if (!recoded[b].empty()) {
-            const kvggml_event event = {blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level,
-                                        bytes_before[b], block_bytes(b), (int32_t) blks[b].step};
-            on_compress(&event, on_compress_data);
+            events.push_back({blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level, bytes_before[b],
+                              block_bytes(b), (int32_t) blks[b].step});
         }
     }
 }

@@ -27,6 +27,7 @@ void normalise_range(llama_pos & p0, llama_pos & p1) {
 } // namespace
 
 void Tier::clear() {
+    std::unique_lock<std::shared_mutex> lock(mutex);
     blks.clear();
     for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
         k_streams[ikv] = Stream{};
@@ -37,6 +38,7 @@ void Tier::clear() {
 
 void Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     normalise_range(p0, p1);
+    std::unique_lock<std::shared_mutex> lock(mutex);
     for (Block & blk : blks) {
         if (seq_id < 0 || blk.seq == seq_id) {
             for (llama_pos & p : blk.pos) {
@@ -48,11 +50,13 @@ void Tier::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
 }
 
 void Tier::seq_keep(llama_seq_id seq_id) {
+    std::unique_lock<std::shared_mutex> lock(mutex);
     erase_blocks_if([&](const Block & blk) { return blk.seq != seq_id; });
 }
 
 void Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
     normalise_range(p0, p1);
+    std::unique_lock<std::shared_mutex> lock(mutex);
     const size_t n = blks.size();
     for (size_t b = 0; b < n; ++b) {
         if (blks[b].seq != src || !blks[b].holds(p0, p1)) {
@@ -79,6 +83,7 @@ bool Tier::move(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1
                         "re-rotated for %s: refused, nothing changed\n", __func__, op, seq_id, p0, p1, no_shift.c_str());
         return false;
     }
+    std::unique_lock<std::shared_mutex> lock(mutex);  // after the log line: a log callback may call the API
     for (Block & blk : blks) {
         if (!hit(blk)) {
             continue;

@@ -64,6 +64,7 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
 }
 
 void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & first_word) {
+    const auto lock = read_lock();  // params_k/v: the API may change them from another thread
     staged = Staged{};
     if (first_word != kStateMagic) {
         if (cache_basis() != 0) {
@@ -159,11 +160,8 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
 }
 
 void Tier::state_commit(llama_seq_id seq_id) {
-    if (seq_id < 0) {
-        clear();
-    } else {
-        erase_blocks_if([&](const Block & blk) { return blk.seq == seq_id; });
-    }
+    std::unique_lock<std::shared_mutex> lock(mutex);
+    erase_blocks_if([&](const Block & blk) { return seq_id < 0 || blk.seq == seq_id; });
     for (size_t b = 0; b < staged.blks.size(); ++b) {
         append_copy(staged.blks[b], staged.k_streams, staged.v_streams, b);
     }

@@ -206,14 +206,19 @@ uint64_t Tier::n_alive() const {
 }
 
 void Tier::compress() {
-    const std::vector<Run> runs = old_runs();
-    if (!runs.empty()) {
-        encode_old(runs);
+    std::vector<kvggml_event> events;
+    {
+        std::unique_lock<std::shared_mutex> lock(mutex);
+        const std::vector<Run> runs = old_runs();
+        if (!runs.empty()) {
+            encode_old(runs, events);
+        }
+        coarsen_old(events);
     }
-    coarsen_old();
+    announce(events);
 }
 
-void Tier::encode_old(const std::vector<Run> & runs) {
+void Tier::encode_old(const std::vector<Run> & runs, std::vector<kvggml_event> & events) {
     const uint64_t t0 = now_us();
     // The cells left are moved to the front, in order: the layout a saved state restores to,
     // so a restored context computes exactly what this one does. A pending K-shift is kept per
@@ -234,7 +239,7 @@ void Tier::encode_old(const std::vector<Run> & runs) {
     kv.v_heads[0] = 0;
     ++gen;
     encode_us += now_us() - t0;
-    announce(first_new);
+    encoded_events(first_new, events);
 }
 
 std::vector<Tier::Run> Tier::old_runs() const {
@@ -348,15 +353,26 @@ void Tier::move_cells_to_front(const std::vector<uint32_t> & kept) {
     cells.set(0, moved);
 }
 
-void Tier::announce(size_t first_new) const {
-    if (!on_compress) {
-        return;
-    }
+void Tier::encoded_events(size_t first_new, std::vector<kvggml_event> & events) const {
     for (size_t b = first_new; b < blks.size(); ++b) {
-        const kvggml_event event = {blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level,
-                                    block_f16_bytes(), block_bytes(b), 0};
-        on_compress(&event, on_compress_data);
+        events.push_back({blks[b].seq, blks[b].first(), blks[b].end(), (int32_t) cfg.level, block_f16_bytes(),
+                          block_bytes(b), 0});
     }
+}
+
+void Tier::announce(const std::vector<kvggml_event> & events) const {
+    std::lock_guard<std::recursive_mutex> lock(callback_mutex);
+    for (const kvggml_event & event : events) {
+        if (on_compress) {  // read each time: the callback may remove itself
+            on_compress(&event, on_compress_data);
+        }
+    }
+}
+
+void Tier::set_callback(kvggml_compress_callback fn, void * user_data) {
+    std::lock_guard<std::recursive_mutex> lock(callback_mutex);
+    on_compress = fn;
+    on_compress_data = user_data;
 }
 
 void Tier::erase_blocks_if(const std::function<bool(const Block &)> & pred) {
@@ -413,6 +429,7 @@ void Tier::set_settings(const Settings & s) {
                                     std::to_string(cells_for_recent) +
                                     " (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it was created)");
     }
+    std::unique_lock<std::shared_mutex> lock(mutex);
     cfg.threshold = s.threshold;
     cfg.sinks = s.sinks;
     cfg.preset = s.preset;

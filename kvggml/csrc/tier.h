@@ -16,6 +16,8 @@
 #include <functional>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -82,6 +84,11 @@ struct Settings {
     std::string preset;
 };
 
+// Threads (docs/API.md, "Threads"): llama.cpp runs a context's decodes and memory operations on
+// one thread at a time, and a decode's ggml threads only read the tier. The API may be called
+// from any other thread meanwhile: everything that changes the blocks or the settings holds
+// `mutex` exclusively, the API's readers hold it shared, so each read sees the state between two
+// changes. Compress callbacks run after it is released, so they may call the API.
 class Tier {
 public:
     Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cparams);
@@ -135,8 +142,11 @@ public:
     // f16 bytes one block held before compression.
     uint64_t block_f16_bytes() const;
 
-    kvggml_compress_callback on_compress = nullptr;
-    void * on_compress_data = nullptr;
+    // Held shared by the API's readers (api.cpp).
+    std::shared_lock<std::shared_mutex> read_lock() const { return std::shared_lock<std::shared_mutex>(mutex); }
+    // Register (or with nullptr remove) the compress callback; waits for a callback running on
+    // another thread, so fn is never called after this returns.
+    void set_callback(kvggml_compress_callback fn, void * user_data);
 
     // Custom-op bodies: decode layer `view` into dst, blocks split across threads.
     void decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const;
@@ -147,6 +157,11 @@ public:
     mutable std::atomic<uint64_t> decode_us{0};
 
 private:
+    mutable std::shared_mutex mutex;
+    mutable std::recursive_mutex callback_mutex;  // recursive: a callback may change the callback
+    kvggml_compress_callback on_compress = nullptr;
+    void * on_compress_data = nullptr;
+
     Config cfg;
     uint32_t cells_for_recent;  // sinks + threshold the cache was sized for
     uint32_t n_ctx;
@@ -182,12 +197,14 @@ private:
                      std::vector<uint16_t> & tensor);
     void add_blocks(const std::vector<Run> & runs);  // the runs become blocks; their cells are freed
     void move_cells_to_front(const std::vector<uint32_t> & kept);
-    void announce(size_t first_new) const;  // the compress callback, for blocks first_new.. on
-    void encode_old(const std::vector<Run> & runs);
+    // An event for each block from first_new on, just encoded.
+    void encoded_events(size_t first_new, std::vector<kvggml_event> & events) const;
+    void announce(const std::vector<kvggml_event> & events) const;  // the compress callback, for each
+    void encode_old(const std::vector<Run> & runs, std::vector<kvggml_event> & events);
 
     // The hierarchy (tier-hierarchy.cpp).
     void init_budget(uint32_t n_ctx_all);  // throws std::invalid_argument when the budget cannot hold n_ctx
-    void coarsen_old();
+    void coarsen_old(std::vector<kvggml_event> & events);  // an event for each block coarsened
     // Tokens newer than each sequence's blocks: a block's age is newest[seq] - blk.end().
     std::vector<llama_pos> newest_positions() const;
 
