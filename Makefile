@@ -8,6 +8,9 @@
 #   make fuzz     fuzz the block decoder and the saved-state loader (ASan + UBSan + edge coverage),
 #                 FUZZ_SECONDS each (default 600), after replaying tests/fuzz/regressions
 #   make tsan     build everything with ThreadSanitizer (build/tsan) and run the thread tests against it
+#   make soak     a SOAK_TOKENS-token generation past n_ctx (default 20000), plainly and under
+#                 OLLAMA_KV_COMPRESSION_BUDGET=SOAK_BUDGET (0.25): RSS flat, counters add up
+#   make load     4 clients against `kvggml serve` for LOAD_SECONDS (default 600): no error, RSS and fds stable
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -16,7 +19,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast lint sanitize fuzz tsan apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint sanitize fuzz tsan soak load apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +61,17 @@ THREAD_TESTS := tests/test_threads.py
 tsan: setup
 	$(PY) scripts/vendor.py build tsan -j $(JOBS)
 	KVGGML_TEST_PATCHED=tsan $(PY) -m pytest $(THREAD_TESTS)
+
+SOAK_TOKENS ?= 20000
+SOAK_BUDGET ?= 0.25
+LOAD_SECONDS ?= 600
+
+soak: build
+	$(PY) scripts/soak.py generate --tokens $(SOAK_TOKENS)
+	OLLAMA_KV_COMPRESSION_BUDGET=$(SOAK_BUDGET) $(PY) scripts/soak.py generate --tokens $(SOAK_TOKENS)
+
+load: build
+	$(PY) scripts/soak.py load --seconds $(LOAD_SECONDS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

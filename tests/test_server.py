@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 
 import pytest
 from conftest import child_env
@@ -51,6 +55,45 @@ def test_multi_turn_chat_completions_compress_the_cache(server):
     # everything older than the window (after the sinks) is in whole blocks
     exact_limit = stats["n_tokens"] - SINKS - THRESHOLD
     assert exact_limit - BLOCK < stats["compressed_tokens"] <= exact_limit
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"messages": [', b'{"messages": "not a list"}', b'{"messages": [], "temperature": "warm"}', b"[1, 2]"],
+)
+def test_a_malformed_request_gets_400_not_500(server, body):
+    # llama-cpp-python alone answers each of these with 500 (kvggml.cli.answer_client_errors)
+    req = urllib.request.Request(
+        f"{server}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 400
+    assert json.load(err.value)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stream_runs_to_its_end_while_another_request_waits(server):
+    # llama-cpp-python's default (interrupt_requests) would end the stream at the second request,
+    # leaving its chunked body unterminated
+    body = {"messages": [{"role": "user", "content": "Count from one to forty."}], "max_tokens": 48, "stream": True}
+    req = urllib.request.Request(
+        f"{server}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    events, replies, other = [], [], None
+    with urllib.request.urlopen(req, timeout=300) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                events.append(line.removeprefix(b"data: ").strip())
+                if other is None:  # the stream is under way: another client asks meanwhile
+                    other = threading.Thread(
+                        target=lambda: replies.append(chat(server, [{"role": "user", "content": "Hi"}]))
+                    )
+                    other.start()
+    other.join()
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len(chunks) > 2 and replies and replies[0]["choices"][0]["message"]["content"]
 
 
 def test_serve_reports_a_bad_variable_before_loading():
