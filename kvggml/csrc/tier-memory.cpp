@@ -55,6 +55,9 @@ void Tier::seq_keep(llama_seq_id seq_id) {
 }
 
 void Tier::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    if (src == dst) {
+        return;  // nothing to copy, as llama.cpp's cells have it: a copy would hold each token twice
+    }
     normalise_range(p0, p1);
     std::unique_lock<std::shared_mutex> lock(mutex);
     const size_t n = blks.size();
