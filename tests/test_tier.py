@@ -170,12 +170,6 @@ BENCH = ["-p", "16", "-n", "0", "-r", "1"]
             [*BENCH, "-ctk", "q8_0"],
             "OLLAMA_KV_COMPRESSION=1 needs an f16 KV cache; this one is q8_0/f16",
         ),
-        (  # 4 sequences of 128 tokens per 512-token batch, in llama.cpp's default split caches
-            "llama-perplexity",
-            {"OLLAMA_KV_COMPRESSION": "1"},
-            ["-c", "128", "-b", "512"],
-            "OLLAMA_KV_COMPRESSION=1 needs a unified KV cache (kv_unified) when several sequences are used",
-        ),
     ],
 )
 def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool, variables, args, message):
@@ -192,6 +186,23 @@ def test_llama_cpp_tools_show_why_a_context_was_refused(tmp_path, tool, variable
     )
     assert res.returncode != 0
     assert f"kvggml: error: {message}" in res.stderr
+
+
+def test_several_sequences_in_split_caches_share_one_compressed_store(tmp_path):
+    # 4 sequences of 128 tokens per 512-token batch, in llama.cpp's default split caches: once
+    # refused, now kept in one store, each sequence still holding its 128 tokens
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    res = subprocess.run(
+        [str(library_dir(PATCHED) / "llama-perplexity"), "-m", str(default_model_path()), "-c", "128", "-b", "512",
+         "-f", str(text)],
+        env=child_env(OLLAMA_KV_COMPRESSION="1", OLLAMA_KV_COMPRESSION_THRESHOLD="32"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Final estimate: PPL" in res.stdout + res.stderr  # every batch of 4 sequences found its cells
 
 
 def test_callback_reports_each_block_as_the_prompt_is_read(tmp_path):

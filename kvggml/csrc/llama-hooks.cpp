@@ -71,14 +71,14 @@ bool kvggml_kv_unified(bool kv_unified, uint32_t n_seq_max) {
     return true;
 }
 
-uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max) {
+uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max) {
     const kvggml::Config cfg = config_from_env();
     if (!cfg.enabled) {
         return n_ctx_seq;
     }
     const uint64_t per_seq = (uint64_t) cfg.sinks + cfg.threshold + cfg.block_tokens();
     const uint64_t cells = GGML_PAD(per_seq * n_seq_max + n_batch, 32);  // small padding: every cell is f16 memory
-    return (uint32_t) std::min<uint64_t>(cells, n_ctx_seq);
+    return (uint32_t) std::min<uint64_t>(cells, n_ctx);  // every sequence's cells: split caches kept in one store too
 }
 
 void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams) {

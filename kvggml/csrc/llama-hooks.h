@@ -33,7 +33,8 @@ bool kvggml_kv_unified(bool kv_unified, uint32_t n_seq_max);
 // llama_model::create_memory: how many f16 cells the cache allocates. With compression
 // on: sinks + window + one block + one batch per sequence, not n_ctx. Throws
 // std::invalid_argument on a bad OLLAMA_KV_COMPRESSION* value (context creation fails).
-uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_batch, uint32_t n_seq_max);
+// At most n_ctx, the cells stock allocates for all sequences; n_ctx_seq without compression.
+uint32_t kvggml_cache_cells(uint32_t n_ctx_seq, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max);
 
 // llama_kv_cache's constructor: whether the cache stores K and V in llama.cpp's per-head
 // Hadamard basis, as it does for its quantized caches (queries are rotated to match and the
