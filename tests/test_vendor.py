@@ -62,7 +62,9 @@ def test_nothing_changed_means_nothing_to_do():
     assert res.returncode == 0, res.stderr
     assert "patches up to date" in res.stderr
     assert "configuring" not in res.stderr
-    assert res.stderr.count("ninja: no work to do.") == 2, res.stderr
+    # llama-server's UI step is a target ninja always runs; nothing may be compiled or linked
+    assert not re.search(r"\] (Building|Linking) ", res.stderr), res.stderr
+    assert "ninja: no work to do." in res.stderr, res.stderr
 
 
 # --- AMX: ggml's AMX kernels crash stock and patched alike on AMX CPUs (llama.cpp #20824)
