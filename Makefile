@@ -11,6 +11,8 @@
 #   make soak     a SOAK_TOKENS-token generation past n_ctx (default 20000), plainly and under
 #                 OLLAMA_KV_COMPRESSION_BUDGET=SOAK_BUDGET (0.25): RSS flat, counters add up
 #   make load     4 clients against `kvggml serve` for LOAD_SECONDS (default 600): no error, RSS and fds stable
+#   make memory-model  random memory operations against a model of the cache, SEEDS seeds (default 0-19)
+#                 of OPS operations (200), with the preset and two schedules; a failure is shrunk
 #   make chat     set up everything, then chat with the default model, KV cache compressed
 #   make apply-patches / make format-patches
 #                 edit llama.cpp in vendor/llama.cpp, commit there, export to patches/
@@ -19,7 +21,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 JOBS   ?= $(shell nproc)
 
-.PHONY: setup build eval chat test test-fast lint sanitize fuzz tsan soak load apply-patches format-patches clean
+.PHONY: setup build eval chat test test-fast lint sanitize fuzz tsan soak load memory-model apply-patches format-patches clean
 
 $(VENV)/.installed: pyproject.toml vendor/llama-cpp-python.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +74,14 @@ soak: build
 
 load: build
 	$(PY) scripts/soak.py load --seconds $(LOAD_SECONDS)
+
+SEEDS ?= 0-19
+OPS   ?= 200
+
+memory-model: build
+	for variant in preset hierarchy drop; do \
+	    $(PY) tests/scripts/memory_model.py --variant $$variant --seeds $(SEEDS) --ops $(OPS) || exit 1; \
+	done
 
 lint: setup
 	$(VENV)/bin/ruff check .
