@@ -202,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_llama_cpp()  # binds llama_cpp to the chosen libllama before the server imports it
     import uvicorn
     from fastapi import Depends
+    from fastapi.responses import PlainTextResponse
     from llama_cpp.server import app as server
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -232,10 +233,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         llm = proxy()
         return {"n_tokens": llm.n_tokens, **native.get_stats(llm.ctx)}
 
+    @app.get("/metrics", summary="kvggml's statistics for Prometheus, as llama-server's /metrics gives them")
+    async def metrics(proxy=Depends(server.get_llama_proxy)) -> PlainTextResponse:
+        return PlainTextResponse(native.format_metrics(proxy().ctx, 1), media_type="text/plain; version=0.0.4")
+
     print(
         f"kvggml serve: {model.name}, n_ctx {args.ctx}, compression "
         f"{'off' if args.no_compression else f'on ({config.preset})'}; OpenAI API at "
-        f"http://{args.host}:{args.port}/v1, compression stats at /kvggml/stats",
+        f"http://{args.host}:{args.port}/v1, compression stats at /kvggml/stats and /metrics",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port)

@@ -20,13 +20,10 @@ HEADER = Path(__file__).resolve().parent / "csrc" / "include" / "kvggml.h"
 
 
 def header_cdef(text: str) -> str:
-    """kvggml.h as cffi declarations: without comments, preprocessor lines and export macros."""
+    """kvggml.h as cffi declarations: without comments, C++-only blocks, preprocessor lines and export macros."""
     text = re.sub(r"//[^\n]*", "", text)
-    lines = [
-        line
-        for line in text.splitlines()
-        if not line.lstrip().startswith("#") and line.strip() not in ('extern "C" {', "}")
-    ]
+    text = re.sub(r"#ifdef __cplusplus\n.*?#endif", "", text, flags=re.S)
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     return "\n".join(lines).replace("KVGGML_API ", "")
 
 
@@ -169,6 +166,27 @@ class CompressCallback:
 
     def close(self) -> None:
         open_library().kvggml_set_compress_callback(_pointer(self.ctx), ffi.NULL, ffi.NULL)
+
+
+def _format(call, what: str) -> str:
+    """The text of a kvggml_format_* call (asked for its length first, as with snprintf)."""
+    while True:
+        n = _check(call(ffi.NULL, 0), what)
+        buffer = ffi.new("char[]", n + 1)
+        if _check(call(buffer, n + 1), what) <= n:  # another thread's decode may have lengthened it
+            return ffi.string(buffer).decode()
+
+
+def format_sequence(ctx, seq_id: int) -> str:
+    """One line on a sequence's compressed blocks, as llama-server logs it per slot."""
+    lib = open_library()
+    return _format(lambda buf, n: lib.kvggml_format_sequence(_pointer(ctx), seq_id, buf, n), "kvggml_format_sequence")
+
+
+def format_metrics(ctx, n_seq: int) -> str:
+    """The context's statistics in Prometheus' text format, as llama-server's /metrics gives them."""
+    lib = open_library()
+    return _format(lambda buf, n: lib.kvggml_format_metrics(_pointer(ctx), n_seq, buf, n), "kvggml_format_metrics")
 
 
 def get_stats(ctx) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,12 +39,22 @@ def servers(tmp_path_factory):
 
 
 def running_server(exe, compress: bool, slots_dir, tmp_path_factory):
+    """A llama-server with /metrics on; its log is in the folder slots_dir's parent names "log-on"/"log-off"."""
     port = free_port()
     cmd = [str(exe), "-m", str(default_model_path()), "-c", str(N_CTX), "-np", str(SLOTS), "-t", "2",
-           "--port", str(port), "--slot-save-path", str(slots_dir)]  # fmt: skip
+           "--port", str(port), "--slot-save-path", str(slots_dir), "--metrics"]  # fmt: skip
     env = child_env(OLLAMA_KV_COMPRESSION="1" if compress else "0", OLLAMA_KV_COMPRESSION_THRESHOLD=str(THRESHOLD))
-    log = tmp_path_factory.mktemp("llama-server") / "stderr.txt"
+    log = slots_dir.parent / f"llama-server-{'on' if compress else 'off'}.txt"
     return running(cmd, env, log, "/health", port)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """llama-server's /metrics as {name: value}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return {
+        name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    }
 
 
 def first_token_logprobs(url: str, prompts: list[str], at_once: bool) -> list[dict[str, float]]:
@@ -129,6 +140,28 @@ def test_a_corrupted_slot_file_is_refused_and_the_server_keeps_serving(servers):
     assert request(f"{url}/health")["status"] == "ok"
     reply = completion(url, "The capital of France is", n_predict=4)
     assert reply["content"].strip()
+
+
+def test_metrics_and_the_slot_log_show_what_each_slot_holds_compressed(servers):
+    urls, slots_dir = servers
+    url = urls[True]
+    reply = completion(url, default_text()[6000:8000], n_predict=4, id_slot=2, cache_prompt=False)
+    held = metrics(url)
+    tokens = held['kvggml:seq_compressed_tokens{seq="2"}']
+    # the slot's prompt and answer, but its newest THRESHOLD tokens and the sinks, in whole blocks of 16
+    n_tokens = reply["tokens_evaluated"] + reply["tokens_predicted"] - 1
+    assert tokens == (n_tokens - THRESHOLD - 4) // 16 * 16
+    per_slot = [held[f'kvggml:seq_compressed_tokens{{seq="{seq}"}}'] for seq in range(SLOTS)]
+    assert sum(per_slot) == held["kvggml:compressed_tokens"]
+    assert held["kvggml:enabled"] == 1 and held["kvggml:compression_ratio"] > 3
+    assert held["llamacpp:prompt_tokens_total"] > 0  # llama-server's own metrics are all still there
+    # the slot's timings in the log are followed by the same count
+    log = (slots_dir.parent / "llama-server-on.txt").read_text()
+    lines = [line for line in log.splitlines() if "kvggml: seq 2:" in line]
+    assert lines and f"kvggml: seq 2: {int(tokens)} tokens compressed in {int(tokens) // 16} blocks" in lines[-1]
+    # compression off: kvggml says so, and the log has no such line
+    assert metrics(urls[False])["kvggml:enabled"] == 0
+    assert "kvggml: seq" not in (slots_dir.parent / "llama-server-off.txt").read_text()
 
 
 def test_a_bad_variable_stops_llama_server_with_its_reason():

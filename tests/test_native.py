@@ -52,6 +52,23 @@ def test_struct_sizes_and_offsets_match_the_compiled_header(tmp_path):
 
 
 @pytest.mark.fast
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_the_header_compiles_as_cpp_with_its_string_helper(tmp_path):
+    # llama-server (patch 0003) includes it and calls kvggml_format_string
+    source = tmp_path / "host.cpp"
+    source.write_text(
+        '#include "kvggml.h"\n'
+        "std::string line(const llama_context * ctx) { return kvggml_format_string(kvggml_format_sequence, ctx, 0); }\n"
+    )
+    res = subprocess.run(
+        ["c++", "-std=c++17", "-Wall", "-Werror", "-fsyntax-only", "-I", str(native.HEADER.parent), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.fast
 def test_the_header_version_is_the_package_version():
     from kvggml import __version__
 

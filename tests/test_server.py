@@ -55,6 +55,14 @@ def test_multi_turn_chat_completions_compress_the_cache(server):
     # everything older than the window (after the sinks) is in whole blocks
     exact_limit = stats["n_tokens"] - SINKS - THRESHOLD
     assert exact_limit - BLOCK < stats["compressed_tokens"] <= exact_limit
+    # /metrics: the same figures in Prometheus' format, as llama-server gives them
+    with urllib.request.urlopen(f"{server}/metrics", timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    for name in ("compressed_tokens", "compressed_bytes", "blocks", "exact_cells"):
+        assert float(metrics[f"kvggml:{name}"]) == stats[name], name
+    assert float(metrics['kvggml:seq_compressed_tokens{seq="0"}']) == stats["compressed_tokens"]
 
 
 @pytest.mark.parametrize(

@@ -231,6 +231,9 @@ def test_the_api_refuses_a_context_without_compression(tmp_path):
         "kvggml_get_segments failed: this context does not compress its KV cache "
         "(create it with OLLAMA_KV_COMPRESSION=1)"
     ) in res.stdout
+    assert "kvggml_format_sequence failed: this context does not compress its KV cache" in res.stdout
+    assert "\nkvggml:enabled 0\n" in res.stdout and "kvggml:blocks 0\n" in res.stdout
+    assert "seq_compressed" not in res.stdout
 
 
 def test_the_api_names_each_bad_argument():
@@ -248,17 +251,40 @@ def test_the_api_names_each_bad_argument():
         "set_settings(ctx, NULL)": "settings must not be NULL",
         "set_settings(preset unterminated)": "preset is not NUL-terminated",
         "set_compress_callback(NULL)": "ctx is NULL",
+        "format_sequence(NULL)": "ctx is NULL",
+        "format_sequence(seq -1)": "seq_id -1 is negative: expected a sequence id",
+        "format_sequence(buf NULL, size 4)": "buf is NULL with a size above 0",
+        "format_metrics(NULL)": "ctx is NULL",
+        "format_metrics(n_seq -1)": "n_seq -1 is negative: expected 0 or more",
     }
     # a buffer too small is no error: the count of all, and the first segment written
     assert out["get_segments(capacity 1)"][0] == (600 - 4 - WINDOW) // 16
     assert out["first_segment"] == [4, 20]
     assert out["native.get_stats(0)"] == "ctx is a null llama_context pointer"
+    assert out["format_sequence(size 12)"][0] == len(out["format_sequence"]) > 12
+    assert out["format_sequence(size 12) wrote"] == out["format_sequence"][:11]
 
 
 def test_sequence_operations_follow_the_compressed_blocks():
     out = last_json(run_script("sequences", env=child_env(**ON)))
     n_blocks = (800 - 4 - WINDOW) // 16
     assert len(out["seq0"]) == len(out["seq1"]) == n_blocks
+    # the texts for hosts (llama-server's log and /metrics) count what the segments and stats count
+    metrics = dict(line.rsplit(" ", 1) for line in out["metrics"].splitlines() if not line.startswith("#"))
+    stats = out["stats"]
+    for name in ("exact_cells", "exact_bytes", "compressed_bytes", "compressed_tokens", "blocks", "budget_bytes"):
+        assert float(metrics[f"kvggml:{name}"]) == stats[name], name
+    assert float(metrics["kvggml:encode_seconds_total"]) == stats["encode_us"] / 1e6
+    f16 = stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"]
+    assert float(metrics["kvggml:compression_ratio"]) == pytest.approx(f16 / stats["compressed_bytes"])
+    for seq in (0, 1):
+        tokens = sum(s[2] for s in out[f"seq{seq}"])
+        mib = sum(s[3] for s in out[f"seq{seq}"]) / 2**20
+        assert float(metrics[f'kvggml:seq_compressed_tokens{{seq="{seq}"}}']) == tokens
+        assert float(metrics[f'kvggml:seq_compressed_bytes{{seq="{seq}"}}']) == sum(s[3] for s in out[f"seq{seq}"])
+        assert out["lines"][seq].startswith(
+            f"kvggml: seq {seq}: {tokens} tokens compressed in {n_blocks} blocks, {mib:.2f} MiB ("
+        )
     assert out["after_keep"] == [out["seq0"], []]
     assert out["after_cp"] == out["seq0"]
     # sequence 0 after keep decodes as a fresh context fed only its tokens

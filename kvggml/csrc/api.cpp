@@ -1,6 +1,7 @@
 // kvggml's public C API on a llama_context (include/kvggml.h, "context" section).
 
 #include "kvggml.h"
+#include "api.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -26,12 +27,6 @@ kvggml::Tier * tier_of(const llama_context * ctx) {
     return kv ? kv->kvggml_tier.get() : nullptr;
 }
 
-// KVGGML_ERROR_ARGUMENT with its message kept for kvggml_last_error().
-int32_t fail(const std::string & message) {
-    last_error = message;
-    return KVGGML_ERROR_ARGUMENT;
-}
-
 // Why ctx has no tier: a null pointer, or a context created without compression.
 std::string no_tier(const llama_context * ctx) {
     return ctx ? "this context does not compress its KV cache (create it with OLLAMA_KV_COMPRESSION=1)"
@@ -40,6 +35,11 @@ std::string no_tier(const llama_context * ctx) {
 
 } // namespace
 
+int32_t kvggml::argument_error(const std::string & message) {
+    last_error = message;
+    return KVGGML_ERROR_ARGUMENT;
+}
+
 const char * kvggml_last_error(void) {
     return last_error.c_str();
 }
@@ -47,10 +47,10 @@ const char * kvggml_last_error(void) {
 int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     if (out == nullptr && capacity > 0) {
-        return fail("out is NULL with a capacity above 0");
+        return kvggml::argument_error("out is NULL with a capacity above 0");
     }
     const auto lock = tier->read_lock();
     std::vector<size_t> order;
@@ -98,10 +98,10 @@ template <class Mark> int64_t for_each_slot(const kvggml::Tier & tier, int32_t s
 int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint8_t * bits, size_t n_bytes) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     if (seq_id < 0 || (bits == nullptr && n_bytes > 0)) {
-        return fail("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
+        return kvggml::argument_error("seq_id must be 0 or above, and bits not NULL with n_bytes above 0");
     }
     const auto lock = tier->read_lock();
     std::fill(bits, bits + n_bytes, 0);
@@ -115,10 +115,10 @@ int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t seq_id, uint
 int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, uint8_t * steps, size_t n_bytes) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     if (seq_id < 0 || (steps == nullptr && n_bytes > 0)) {
-        return fail("seq_id must be 0 or above, and steps not NULL with n_bytes above 0");
+        return kvggml::argument_error("seq_id must be 0 or above, and steps not NULL with n_bytes above 0");
     }
     const auto lock = tier->read_lock();
     std::fill(steps, steps + n_bytes, 0);
@@ -132,7 +132,7 @@ int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, ui
 int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback, void * user_data) {
     kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     tier->set_callback(callback, user_data);
     return KVGGML_OK;
@@ -140,7 +140,7 @@ int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress
 
 int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
     if (ctx == nullptr || out == nullptr) {
-        return fail("ctx and out must not be NULL");
+        return kvggml::argument_error("ctx and out must not be NULL");
     }
     *out = kvggml_stats{};
     const llama_kv_cache * kv = cache_of(ctx);
@@ -166,10 +166,10 @@ int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
 int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out) {
     const kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     if (out == nullptr) {
-        return fail("out must not be NULL");
+        return kvggml::argument_error("out must not be NULL");
     }
     const auto lock = tier->read_lock();
     const kvggml::Settings s = tier->settings();
@@ -185,25 +185,25 @@ int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * 
 int32_t kvggml_set_settings(struct llama_context * ctx, const kvggml_settings * settings) {
     kvggml::Tier * tier = tier_of(ctx);
     if (tier == nullptr) {
-        return fail(no_tier(ctx));
+        return kvggml::argument_error(no_tier(ctx));
     }
     if (settings == nullptr) {
-        return fail("settings must not be NULL");
+        return kvggml::argument_error("settings must not be NULL");
     }
     if (settings->level != tier->config().level) {
-        return fail("level " + std::to_string(settings->level) + " cannot change: it is fixed at " +
+        return kvggml::argument_error("level " + std::to_string(settings->level) + " cannot change: it is fixed at " +
                     std::to_string(tier->config().level) + " when the context is created (OLLAMA_KV_COMPRESSION_LEVEL)");
     }
     if (settings->recent_capacity != tier->recent_capacity()) {
-        return fail("recent_capacity is read-only: " + std::to_string(tier->recent_capacity()));
+        return kvggml::argument_error("recent_capacity is read-only: " + std::to_string(tier->recent_capacity()));
     }
     if (std::memchr(settings->preset, '\0', sizeof(settings->preset)) == nullptr) {
-        return fail("preset is not NUL-terminated");
+        return kvggml::argument_error("preset is not NUL-terminated");
     }
     try {
         tier->set_settings({settings->threshold, settings->sinks, settings->preset});
     } catch (const std::invalid_argument & err) {
-        return fail(err.what());
+        return kvggml::argument_error(err.what());
     }
     return KVGGML_OK;
 }

@@ -36,10 +36,20 @@ def main() -> None:
         settings.preset = b"x" * 16  # fills the array: no terminating NUL
         record("set_settings(preset unterminated)", lib.kvggml_set_settings(ctx, settings))
         record("set_compress_callback(NULL)", lib.kvggml_set_compress_callback(ffi.NULL, ffi.NULL, ffi.NULL))
+        record("format_sequence(NULL)", lib.kvggml_format_sequence(ffi.NULL, 0, ffi.NULL, 0))
+        record("format_sequence(seq -1)", lib.kvggml_format_sequence(ctx, -1, ffi.NULL, 0))
+        record("format_sequence(buf NULL, size 4)", lib.kvggml_format_sequence(ctx, 0, ffi.NULL, 4))
+        record("format_metrics(NULL)", lib.kvggml_format_metrics(ffi.NULL, 1, ffi.NULL, 0))
+        record("format_metrics(n_seq -1)", lib.kvggml_format_metrics(ctx, -1, ffi.NULL, 0))
         # a buffer too small is no error: the call says how many there are and fills what fits
         segments = ffi.new("kvggml_segment[]", 1)
         record("get_segments(capacity 1)", lib.kvggml_get_segments(ctx, 0, segments, 1))
         out["first_segment"] = [segments[0].p0, segments[0].p1]
+        # nor for a text: its whole length is returned, and what fits written, NUL-terminated
+        line = ffi.new("char[]", 12)
+        record("format_sequence(size 12)", lib.kvggml_format_sequence(ctx, 0, line, 12))
+        out["format_sequence(size 12) wrote"] = ffi.string(line).decode()
+        out["format_sequence"] = native.format_sequence(run.ctx, 0)
         try:
             native.get_stats(0)
         except ValueError as err:

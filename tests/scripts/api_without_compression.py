@@ -1,4 +1,5 @@
-"""kvggml's context API on a context created without compression: prints the error it raises.
+"""kvggml's context API on a context created without compression: prints the errors it raises,
+and the metrics text.
 
 Environment: KVGGML_LIB=patched, compression off.
 """
@@ -14,10 +15,12 @@ def main() -> None:
     ll = load_llama_cpp()
     silence_llama_logs(ll)
     with Runner(ll, default_model_path(), n_ctx=256) as run:
-        try:
-            native.get_segments(run.ctx, 0)
-        except RuntimeError as err:
-            print(err)
+        for call in (native.get_segments, native.format_sequence):
+            try:
+                call(run.ctx, 0)
+            except RuntimeError as err:
+                print(err)
+        print(native.format_metrics(run.ctx, 1))  # no error: it says so
 
 
 if __name__ == "__main__":

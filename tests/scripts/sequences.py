@@ -1,5 +1,5 @@
-"""Two sequences in one compressed cache, then seq_keep and seq_cp; the kept sequence against a
-fresh context fed only its tokens. Prints a JSON report.
+"""Two sequences in one compressed cache, their report texts, then seq_keep and seq_cp; the kept
+sequence against a fresh context fed only its tokens. Prints a JSON report.
 
 Environment: KVGGML_LIB=patched, OLLAMA_KV_COMPRESSION=1, OLLAMA_KV_COMPRESSION_THRESHOLD.
 """
@@ -29,6 +29,9 @@ def main() -> None:
         run.decode(a, 0, seq_id=0)
         run.decode(b, 0, seq_id=1)
         out["seq0"], out["seq1"] = segments(run, 0), segments(run, 1)
+        out["stats"] = native.get_stats(run.ctx)
+        out["metrics"] = native.format_metrics(run.ctx, 2)
+        out["lines"] = [native.format_sequence(run.ctx, seq) for seq in (0, 1)]
         ll.llama_memory_seq_keep(run.memory, 0)
         out["after_keep"] = (segments(run, 0), segments(run, 1))
         ll.llama_memory_seq_cp(run.memory, 0, 1, -1, -1)

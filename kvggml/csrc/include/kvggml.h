@@ -206,6 +206,35 @@ KVGGML_API int32_t kvggml_set_settings(struct llama_context * ctx, const kvggml_
 KVGGML_API int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback,
                                                 void * user_data);
 
+// Text for a host's log and metrics endpoint (llama-server's, through patch 0003), written as
+// snprintf writes: at most `size` bytes, NUL included (buf may be NULL when size is 0); returns
+// the length of the whole text, or a negative error code.
+//
+// One line on sequence seq_id: its tokens held compressed, blocks, bytes and ratio to f16, and
+// its blocks per hierarchy step. KVGGML_ERROR_ARGUMENT when the context does not compress.
+KVGGML_API int64_t kvggml_format_sequence(const struct llama_context * ctx, int32_t seq_id, char * buf, size_t size);
+// The context's statistics in Prometheus' text format (names prefixed "kvggml:"), and per
+// sequence 0..n_seq-1 its compressed tokens and bytes. A context without compression reports
+// kvggml:enabled 0.
+KVGGML_API int64_t kvggml_format_metrics(const struct llama_context * ctx, int32_t n_seq, char * buf, size_t size);
+
 #ifdef __cplusplus
+}
+#endif
+
+#ifdef __cplusplus
+#    include <string>
+
+// C++ hosts: a kvggml_format_* text as a string, "" on an error.
+inline std::string kvggml_format_string(int64_t (*format)(const llama_context *, int32_t, char *, size_t),
+                                        const llama_context * ctx, int32_t arg) {
+    const int64_t n = format(ctx, arg, nullptr, 0);
+    if (n <= 0) {
+        return {};
+    }
+    std::string text((size_t) n + 1, '\0');
+    format(ctx, arg, text.data(), text.size());
+    text.resize((size_t) n);
+    return text;
 }
 #endif
