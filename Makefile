@@ -10,7 +10,8 @@
 #   make tsan     build everything with ThreadSanitizer (build/tsan) and run the thread tests against it
 #   make soak     a SOAK_TOKENS-token generation past n_ctx (default 20000), plainly and under
 #                 OLLAMA_KV_COMPRESSION_BUDGET=SOAK_BUDGET (0.25): RSS flat, counters add up
-#   make load     4 clients against `kvggml serve` for LOAD_SECONDS (default 600): no error, RSS and fds stable
+#   make load     4 clients against `kvggml serve` for LOAD_SECONDS (default 600), then against llama-server
+#                 with 4 slots: no error, RSS and fds stable
 #   make memory-model  random memory operations against a model of the cache, SEEDS seeds (default 0-19)
 #                 of OPS operations (200), with the preset and two schedules; a failure is shrunk
 #   make chat     set up everything, then chat with the default model, KV cache compressed
@@ -74,6 +75,7 @@ soak: build
 
 load: build
 	$(PY) scripts/soak.py load --seconds $(LOAD_SECONDS)
+	$(PY) scripts/soak.py load --seconds $(LOAD_SECONDS) --engine llama-server
 
 SEEDS ?= 0-19
 OPS   ?= 200

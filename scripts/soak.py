@@ -7,15 +7,15 @@
         remainder down). Every token: the counters of kvggml_get_stats must add up (below); every
         --sample-every tokens: RSS (VmRSS) and the segments. Set OLLAMA_KV_COMPRESSION_BUDGET
         (e.g. 0.25) to run it under a budget.
-    soak.py load [--seconds 600] [--clients 4]
-        starts `kvggml serve` (compression on, a small threshold so requests cross it) and sends
-        it mixed requests from --clients threads: chat and completions, streamed or not, of
-        varied lengths, multi-turn chats, stats, and malformed ones that must get a 4xx. Samples
-        the server's RSS and open file descriptors.
+    soak.py load [--seconds 600] [--clients 4] [--engine llama-cpp-python|llama-server]
+        starts `kvggml serve` (compression on, a small threshold so requests cross it; with
+        --engine llama-server, llama.cpp's server with one slot per client) and sends it mixed
+        requests from --clients threads: chat and completions, streamed or not, of varied
+        lengths, multi-turn chats, kvggml's /metrics, and malformed ones that must get an error
+        status. Samples the server's RSS and open file descriptors.
 
 Each prints a table and writes JSON (results/soak-*.json), and exits 1 when a check failed: a
 counter that does not add up, RSS that grew past --rss-slack-mib once warm, an error or a crash.
-llama.cpp's own llama-server is not driven here: this project does not build it yet.
 """
 
 from __future__ import annotations
@@ -362,13 +362,32 @@ def sse_chunks(raw: bytes) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
+def metrics(url: str) -> dict[str, float]:
+    """/metrics (Prometheus text) as {name: value}."""
+    status, body = http(f"{url}/metrics")
+    if status != 200:
+        raise AssertionError(f"/metrics: status {status}: {body[:300]!r}")
+    lines = [line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#")]
+    return {name: float(value) for name, value in lines}
+
+
+# What differs between the engines a client talks to. A body that is not JSON gets 500 from
+# llama-server (llama.cpp reports the parser's exception as a server error) and 400 from kvggml serve.
+ENGINES = {
+    "llama-cpp-python": {"tokenize": ("/extras/tokenize", "input"), "not_json": 400},
+    "llama-server": {"tokenize": ("/tokenize", "content"), "not_json": 500},
+}
+
+
 class Client:
-    """One of the load's clients: a random mix of requests, each checked for the answer it must get."""
+    """One of the load's clients: a random mix of requests, each checked for the answer it must get.
+    n_ctx is what one request may use: the context, or with llama-server a slot's share of it."""
 
     TOPICS = ("the sea", "mountains", "a city at night", "bread", "rivers", "the moon", "trains", "gardens")
 
-    def __init__(self, url: str, text: str, seed: int, n_ctx: int):
+    def __init__(self, url: str, text: str, seed: int, n_ctx: int, engine: str):
         self.url, self.text, self.rng, self.n_ctx = url, text, random.Random(seed), n_ctx
+        self.engine = ENGINES[engine]
         # kind: (weight, request); the weights favour requests that run the model
         self.kinds = {
             "chat": (4, self.chat),
@@ -432,23 +451,22 @@ class Client:
     def longest(self) -> None:
         """A completion of a prompt that fills the context but for 64 tokens (sized with /extras/tokenize)."""
         prompt, room = self.text[: self.n_ctx * 8], self.n_ctx - 64
-        while (
-            n := len(json.loads(self.expect(*http(f"{self.url}/extras/tokenize", {"input": prompt}), 200))["tokens"])
-        ) > room:
+        path, field = self.engine["tokenize"]
+        while (n := len(json.loads(self.expect(*http(f"{self.url}{path}", {field: prompt}), 200))["tokens"])) > room:
             prompt = prompt[: int(len(prompt) * room / n * 0.98)]
         reply = json.loads(self.expect(*http(f"{self.url}/v1/completions", {"prompt": prompt, "max_tokens": 32}), 200))
         assert reply["usage"]["prompt_tokens"] > room * 0.9, reply["usage"]
 
     def stats(self) -> None:
-        stats = json.loads(self.expect(*http(f"{self.url}/kvggml/stats"), 200))
-        assert stats["enabled"] == 1 and stats["blocks"] * 16 >= stats["compressed_tokens"], stats
+        held = metrics(self.url)
+        assert held["kvggml:enabled"] == 1 and held["kvggml:blocks"] * 16 >= held["kvggml:compressed_tokens"], held
 
     def models(self) -> None:
         assert json.loads(self.expect(*http(f"{self.url}/v1/models"), 200))["data"]
 
     # malformed requests: 400, as OpenAI's API answers them (kvggml serve's answer_client_errors)
     def not_json(self) -> None:
-        self.expect(*http(f"{self.url}/v1/chat/completions", b'{"messages": [{"role": '), 400)
+        self.expect(*http(f"{self.url}/v1/chat/completions", b'{"messages": [{"role": '), self.engine["not_json"])
 
     def bad_body(self) -> None:
         body = {"messages": "not a list", "max_tokens": 8}
@@ -459,7 +477,7 @@ class Client:
         self.expect(*http(f"{self.url}/v1/chat/completions", body), 400)
 
     def too_long(self) -> None:
-        # more tokens than the context holds: llama-cpp-python refuses it with a 400
+        # more tokens than the context holds: refused with a 400
         body = {"prompt": "lorem ipsum " * self.n_ctx, "max_tokens": 8}
         self.expect(*http(f"{self.url}/v1/completions", body), 400)
 
@@ -475,10 +493,11 @@ def wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float 
         if time.monotonic() > deadline:
             raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
         try:
-            http(f"{url}/v1/models", timeout=5)
-            return
+            if http(f"{url}/v1/models", timeout=5)[0] == 200:  # llama-server answers 503 while loading
+                return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
 
 
 def warm_up(client: Client, failures: Failures) -> None:
@@ -498,12 +517,17 @@ def cmd_load(args: argparse.Namespace) -> int:
     text = default_text()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    out = Path(args.out or REPO / "results" / "soak-load.json")
+    args.ctx = args.ctx or 2048 * (args.clients if args.engine == "llama-server" else 1)
+    out = Path(args.out or REPO / "results" / f"soak-load-{args.engine}.json")
     log = out.with_suffix(".server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OLLAMA_KV_COMPRESSION_THRESHOLD": str(args.threshold)}
     cmd = [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--ctx", str(args.ctx)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    n_ctx = args.ctx  # what one request may use
+    if args.engine == "llama-server":  # one slot per client, each with its share of the context
+        cmd += ["--engine", "llama-server", "--", "-np", str(args.clients), "--metrics"]
+        n_ctx = args.ctx // args.clients
     with open(log, "w") as server_log:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT)
     failures, served, latencies, samples = Failures(), Counter(), {}, []
@@ -519,12 +543,12 @@ def cmd_load(args: argparse.Namespace) -> int:
 
         start = sample()
         print("warm-up: each kind of request once, then the longest prompt", file=sys.stderr, flush=True)
-        warm_up(Client(url, text, args.seed - 1, args.ctx), failures)
+        warm_up(Client(url, text, args.seed - 1, n_ctx, args.engine), failures)
         warm = sample()  # buffers for the longest prompt are allocated: from here on RSS should stay flat
         t_load = time.monotonic()
 
         def client(index: int) -> None:
-            me = Client(url, text, args.seed + index, args.ctx)
+            me = Client(url, text, args.seed + index, n_ctx, args.engine)
             while not stop.is_set():
                 kind = me.pick()
                 began = time.monotonic()
@@ -555,7 +579,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         failures.check(proc.poll() is None, "server: alive to the end", f"exited with {proc.returncode}")
         time.sleep(2)  # connections closed, requests finished
         end = sample() if proc.poll() is None else samples[-1]
-        final_stats = json.loads(http(f"{url}/kvggml/stats")[1]) if proc.poll() is None else None
+        final_stats = metrics(url) if proc.poll() is None else None
     finally:
         stop.set()
         proc.terminate()
@@ -577,6 +601,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     errors = sum(failures.counts.values())
     report = {
         "command": "load",
+        "engine": args.engine,
         "seconds": args.seconds,
         "clients": args.clients,
         "n_ctx": args.ctx,
@@ -603,7 +628,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(
         table(
             [
-                ("duration, clients", f"{args.seconds} s, {args.clients}"),
+                ("engine, duration, clients", f"{args.engine}, {args.seconds} s, {args.clients}"),
                 ("requests served", report["served_total"]),
                 *rows,
                 ("errors", errors),
@@ -633,10 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--rss-slack-mib", type=float, default=16, help="most RSS may grow once the cache filled")
     gen.set_defaults(func=cmd_generate)
-    load = sub.add_parser("load", help="clients against `kvggml serve`")
+    load = sub.add_parser("load", help="clients against `kvggml serve` or llama-server")
     load.add_argument("--seconds", type=float, default=600, help="how long the clients run (default 600)")
     load.add_argument("--clients", type=int, default=4, help="client threads (default 4)")
-    load.add_argument("--ctx", type=int, default=2048, help="the server's context (default 2048)")
+    load.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="llama-cpp-python",
+        help="kvggml serve's engine (default llama-cpp-python; llama-server: one slot per client)",
+    )
+    load.add_argument("--ctx", type=int, help="the server's context (default 2048; llama-server: 2048 a slot)")
     load.add_argument("--threshold", type=int, default=32, help="the server's OLLAMA_KV_COMPRESSION_THRESHOLD")
     load.add_argument("--sample-every", type=float, default=5, help="seconds between RSS and fd samples")
     load.add_argument("--rss-slack-mib", type=float, default=32, help="most the server's RSS may grow once warm")
