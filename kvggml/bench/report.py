@@ -1,0 +1,232 @@
+"""The bench's outputs from its finished cells: one Markdown table per measurement, the memory-KLD
+frontier, each cell's figure as it finishes, and PNG plots when matplotlib is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvggml.bench.variants import REFERENCE
+
+
+def of(records: list[dict], measurement: str) -> list[dict]:
+    return [r for r in records if r["measurement"] == measurement]
+
+
+def reference(records: list[dict], record: dict, *same: str) -> dict | None:
+    """Stock f16's result in the record's measurement, with the same values of the parameters `same`."""
+    for r in of(records, record["measurement"]):
+        if r["variant"] == REFERENCE and all(r["params"][k] == record["params"][k] for k in same):
+            return r["result"]
+    return None
+
+
+def ratio(value: float | None, base: float | None, unit: str = "×") -> str:
+    if value is None or not base:
+        return "–"
+    return f"{100 * value / base:.1f} %" if unit == "%" else f"{value / base:.2f}×"
+
+
+def fixed(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def rate(speed: dict) -> str:
+    return f"{speed['mean']:.1f} ± {speed['sd']:.1f}"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(head) - 1)
+    lines = [head, align, *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def memory_table(records: list[dict]) -> str:
+    rows = []
+    for r in sorted(of(records, "memory"), key=lambda r: r["params"]["n_ctx"]):
+        result, base = r["result"], reference(records, r, "n_ctx")
+        rows.append(
+            [
+                r["variant"],
+                str(r["params"]["n_ctx"]),
+                fixed(result["kv_mib"], 1),
+                ratio(result["kv_mib"], base and base["kv_mib"], "%"),
+                fixed(result["exact_f16_mib"], 1),
+                fixed(result["peak_rss_mib"], 1),
+            ]
+        )
+    return table(["cache", "n_ctx", "KV MiB", "vs stock f16", "f16 part MiB", "peak RSS MiB"], rows)
+
+
+def speed_table(records: list[dict]) -> str:
+    rows = []
+    for r in sorted(of(records, "speed"), key=lambda r: r["params"]["depth"]):
+        result, base = r["result"], reference(records, r, "depth", "n_prompt", "n_gen")
+        rows.append(
+            [
+                r["variant"],
+                str(r["params"]["depth"]),
+                rate(result["prefill"]),
+                ratio(result["prefill"]["mean"], base and base["prefill"]["mean"]),
+                rate(result["decode"]),
+                ratio(result["decode"]["mean"], base and base["decode"]["mean"]),
+            ]
+        )
+    return table(["cache", "depth", "prefill tok/s", "vs stock f16", "decode tok/s", "vs stock f16"], rows)
+
+
+def quality_table(records: list[dict]) -> str:
+    rows = [
+        [
+            r["variant"],
+            fixed(r["result"]["ppl"], 2),
+            f"{r['result']['kld_mean']:.4g}",
+            f"{r['result']['kld_p99']:.3g}",
+            fixed(r["result"]["same_top_pct"], 1),
+        ]
+        for r in of(records, "quality")
+    ]
+    return table(["cache", "PPL", "mean KLD", "KLD p99", "same top token %"], rows)
+
+
+def recall_table(records: list[dict]) -> str:
+    rows = []
+    for r in of(records, "recall"):
+        base = reference(records, r, "n_ctx", "depths", "seeds")
+        found = {(c["depth"], c["seed"]) for c in base["details"] if c["recalled"]} if base else set()
+        missed = [(c["depth"], c["seed"]) for c in r["result"]["details"] if not c["recalled"]]
+        rows.append(
+            [
+                r["variant"],
+                f"{r['result']['recalled']} of {r['result']['cases']}",
+                str(len(found.intersection(missed))) if base else "–",
+                " ".join(f"{depth}/{seed}" for depth, seed in missed) or "–",
+            ]
+        )
+    return table(["cache", "recalled", "lost where stock f16 recalled", "missed (depth/seed)"], rows)
+
+
+def frontier_rows(records: list[dict], n_ctx: int) -> list[dict]:
+    """Each variant with both a memory cell at n_ctx and a quality cell: its KV bytes against its KLD,
+    and whether it is on the Pareto front (no other variant dominates it)."""
+    memory = {r["variant"]: r for r in of(records, "memory") if r["params"]["n_ctx"] == n_ctx}
+    f16 = memory.get(REFERENCE)
+    rows = []
+    for q in of(records, "quality"):
+        m = memory.get(q["variant"])
+        if m is not None:
+            kv = m["result"]["kv_mib"]
+            rows.append(
+                {
+                    "variant": q["variant"],
+                    "kv_mib": kv,
+                    "vs_f16": kv / f16["result"]["kv_mib"] if f16 else None,
+                    "exact_f16_mib": m["result"]["exact_f16_mib"],
+                    "kld_mean": q["result"]["kld_mean"],
+                    "same_top_pct": q["result"]["same_top_pct"],
+                }
+            )
+    for row in rows:
+        row["pareto"] = not any(dominates(other, row) for other in rows)
+    return rows
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a takes no more memory at no higher KLD than b, and is better in one of them."""
+    no_worse = a["kv_mib"] <= b["kv_mib"] and a["kld_mean"] <= b["kld_mean"]
+    return no_worse and (a["kv_mib"] < b["kv_mib"] or a["kld_mean"] < b["kld_mean"])
+
+
+def frontier_table(rows: list[dict]) -> str:
+    body = [
+        [
+            r["variant"],
+            fixed(r["kv_mib"], 1),
+            ratio(r["vs_f16"], 1.0, "%"),
+            fixed(r["exact_f16_mib"], 1),
+            f"{r['kld_mean']:.4g}",
+            fixed(r["same_top_pct"], 1),
+            "yes" if r["pareto"] else "",
+        ]
+        for r in rows
+    ]
+    return table(["cache", "KV MiB", "vs stock f16", "f16 part MiB", "mean KLD", "same top %", "Pareto"], body)
+
+
+def figure(record: dict) -> str:
+    """One finished cell's result, in a line."""
+    result = record["result"]
+    if record["measurement"] == "memory":
+        rss = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
+        return f"KV {result['kv_mib']:.1f} MiB{rss}"
+    if record["measurement"] == "speed":
+        return f"prefill {rate(result['prefill'])} tok/s, decode {rate(result['decode'])} tok/s"
+    if record["measurement"] == "quality":
+        return f"PPL {result['ppl']:.2f}, KLD {result['kld_mean']:.4g}, same top {result['same_top_pct']:.1f} %"
+    return f"recalled {result['recalled']} of {result['cases']}"
+
+
+TABLES = {
+    "memory": ("Memory: KV bytes once the context is full (stock: llama.cpp's allocation), peak RSS", memory_table),
+    "speed": ("Speed: llama-bench tokens/s at depth, mean ± deviation over the repetitions", speed_table),
+    "quality": ("Quality: llama-perplexity, KLD against stock f16's logits", quality_table),
+    "recall": ("Recall: llama.cpp's passkey test, the key at each depth for each seed", recall_table),
+}
+
+
+def markdown(command: str, records: list[dict], frontier_ctx: int | None) -> str:
+    """bench.md: the command that produced it, then one table per measurement."""
+    parts = [f"# kvggml bench\n\n```sh\n{command}\n```"]
+    for measurement, (title, render) in TABLES.items():
+        if of(records, measurement):
+            parts.append(f"## {title}\n\n{render(records)}")
+    rows = frontier_rows(records, frontier_ctx) if frontier_ctx else []
+    if rows:
+        parts.append(f"## Frontier: KV MiB at n_ctx {frontier_ctx} against KLD\n\n{frontier_table(rows)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def pyplot():
+    """matplotlib's pyplot without a display, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frontier(plt, rows: list[dict], n_ctx: int, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    scored = [r for r in rows if r["kld_mean"] > 0]  # the reference, KLD 0, cannot sit on a log axis
+    front = sorted((r for r in scored if r["pareto"]), key=lambda r: r["kv_mib"])
+    ax.plot([r["kv_mib"] for r in front], [r["kld_mean"] for r in front], color="tab:gray", lw=1, label="Pareto front")
+    for r in scored:
+        stock = r["variant"].startswith("stock")
+        ax.scatter(r["kv_mib"], r["kld_mean"], marker="s" if stock else "o", color="tab:red" if stock else "tab:blue")
+        ax.annotate(r["variant"], (r["kv_mib"], r["kld_mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    save(plt, fig, f"KV MiB once an n_ctx {n_ctx} context is full", "mean KLD against stock f16 (log)", title, path)
+
+
+def plot_decode(plt, records: list[dict], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    variants = dict.fromkeys(r["variant"] for r in of(records, "speed"))
+    for variant in variants:
+        cells = sorted((r for r in of(records, "speed") if r["variant"] == variant), key=lambda r: r["params"]["depth"])
+        decode = [r["result"]["decode"] for r in cells]
+        depths = [r["params"]["depth"] for r in cells]
+        ax.errorbar(depths, [d["mean"] for d in decode], yerr=[d["sd"] for d in decode], marker="o", capsize=3)
+        ax.annotate(variant, (depths[-1], decode[-1]["mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    save(plt, fig, "depth (tokens already in the context)", "decode tokens/s (mean ± deviation)", title, path)
+
+
+def save(plt, fig, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax = fig.axes[0]
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,211 @@
+"""`kvggml bench`: bad inputs named before anything runs, cells on the real model, resuming cell by cell."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import child_env, run_cli
+
+from kvggml.bench.report import frontier_rows
+from kvggml.bench.run import QUICK, Settings, plan
+from kvggml.bench.store import Cell, ResultStore
+from kvggml.bench.variants import Variant
+from kvggml.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_gguf(tmp_path: Path) -> Path:
+    """A file that passes the magic check: enough to reach the checks after it, with no model at all."""
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path
+
+
+def bench(*args: str, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("bench", *args, "--out", str(out), env=env, timeout=300)
+
+
+@pytest.mark.fast
+def test_bad_model_and_text_are_named_before_any_measurement(tmp_path):
+    out = tmp_path / "out"
+    env = child_env(KVGGML_BUILD_DIR=str(tmp_path / "no-build"))  # a check that ran anything would fail otherwise
+    missing = tmp_path / "missing.gguf"
+    res = bench("--model", str(missing), out=out, env=env)
+    assert res.returncode == 2 and f"kvggml bench: error: --model {missing}: no such file" in res.stderr
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("not a model")
+    res = bench("--model", str(notes), out=out, env=env)
+    assert res.returncode == 2
+    assert f"--model {notes}: not a GGUF file (it starts with b'not '; a GGUF starts with b'GGUF')" in res.stderr
+    res = bench("--model", str(fake_gguf(tmp_path)), "--text", str(tmp_path / "missing.txt"), out=out, env=env)
+    assert res.returncode == 2 and f"--text {tmp_path / 'missing.txt'}: no such file" in res.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    res = bench("--model", str(fake_gguf(tmp_path)), "--text", str(latin1), out=out, env=env)
+    assert res.returncode == 2 and f"--text {latin1}: not UTF-8 text" in res.stderr
+    res = bench("--model", str(fake_gguf(tmp_path)), "--variant", "kvggml balanced;BUDGET=lots", out=out, env=env)
+    assert res.returncode == 2 and "OLLAMA_KV_COMPRESSION_BUDGET='lots'" in res.stderr
+    res = bench("--only", "memory,speeed", out=out, env=env)
+    assert res.returncode == 2 and "--only: speeed: expected some of memory,speed,quality,recall" in res.stderr
+    assert not out.exists()  # nothing measured, nothing written
+
+
+@pytest.mark.fast
+def test_variants_name_what_is_wrong():
+    assert Variant.parse("kvggml lo;THRESHOLD=256;BUDGET=0.2").compression_env() == {
+        "OLLAMA_KV_COMPRESSION": "1",
+        "OLLAMA_KV_COMPRESSION_PRESET": "lo",
+        "OLLAMA_KV_COMPRESSION_THRESHOLD": "256",
+        "OLLAMA_KV_COMPRESSION_BUDGET": "0.2",
+    }
+    with pytest.raises(ValueError, match="unknown 'kvggml best': expected one of stock f16"):
+        Variant.parse("kvggml best")
+    with pytest.raises(ValueError, match="'WINDOW=3' is not NAME=VALUE with NAME one of"):
+        Variant.parse("kvggml hi;WINDOW=3")
+    with pytest.raises(ValueError, match="settings apply to kvggml variants only"):
+        Variant.parse("stock q8_0;BUDGET=0.5")
+    with pytest.raises(ConfigError, match="OLLAMA_KV_COMPRESSION_SCHEDULE"):
+        Variant.parse("kvggml balanced;SCHEDULE=2048:9.9")
+
+
+@pytest.mark.fast
+def test_the_plan_has_one_cell_per_measurement_variant_and_parameter(tmp_path):
+    settings = Settings(
+        **QUICK,
+        model=tmp_path / "m.gguf",
+        text=None,
+        out=tmp_path,
+        command="kvggml bench --quick",
+        variants=["stock f16", "kvggml balanced"],
+        measurements=["memory", "speed", "quality", "recall"],
+        no_fill=frozenset({"stock f16"}),
+    )
+    cells = plan(settings)
+    assert [(c.measurement, c.variant) for c in cells] == [
+        *[("memory", v) for _ in QUICK["memory_ctx"] for v in ("stock f16", "kvggml balanced")],
+        *[(m, v) for m in ("speed", "quality", "recall") for v in ("stock f16", "kvggml balanced")],
+    ]
+    assert cells[0].params == {"n_ctx": 1024, "fill": False} and cells[1].params == {"n_ctx": 1024, "fill": True}
+
+
+@pytest.mark.fast
+def test_the_store_reuses_only_cells_whose_whole_key_matches(tmp_path):
+    path = tmp_path / "bench.json"
+    cell = Cell("memory", "stock f16", {"n_ctx": 1024, "fill": True})
+    inputs = {"model": {"path": "m.gguf", "bytes": 1}, "text_sha256": "a", "libraries": {"stock": "sha256:1"}}
+    ResultStore(path, "first").put(cell.key(inputs), {"kv_mib": 22.5})
+    store = ResultStore(path, "second")
+    assert store.find(cell.key(inputs))["result"] == {"kv_mib": 22.5}
+    assert store.find(cell.key({**inputs, "text_sha256": "b"})) is None
+    assert store.find(Cell("memory", "stock f16", {"n_ctx": 2048, "fill": True}).key(inputs)) is None
+    assert ResultStore(path, "third", fresh=True).find(cell.key(inputs)) is None
+    # measured anew with other inputs: the record replaces the stale one
+    store.put(cell.key({**inputs, "text_sha256": "b"}), {"kv_mib": 22.6})
+    assert [r["result"] for r in json.loads(path.read_text())["cells"]] == [{"kv_mib": 22.6}]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def frontier_record(measurement: str, variant: str, result: dict) -> dict:
+    return {"measurement": measurement, "variant": variant, "params": {"n_ctx": 8192}, "result": result}
+
+
+FRONTIER = [
+    frontier_record("memory", "stock f16", {"kv_mib": 180.0, "exact_f16_mib": None}),
+    frontier_record("memory", "stock q4_0", {"kv_mib": 50.6, "exact_f16_mib": None}),
+    frontier_record("memory", "kvggml balanced", {"kv_mib": 60.6, "exact_f16_mib": 23.2}),
+    frontier_record("memory", "kvggml lo", {"kv_mib": 55.0, "exact_f16_mib": 23.2}),
+    frontier_record("quality", "stock f16", {"kld_mean": 0.0, "same_top_pct": 100.0}),
+    frontier_record("quality", "stock q4_0", {"kld_mean": 0.0558, "same_top_pct": 89.5}),
+    frontier_record("quality", "kvggml balanced", {"kld_mean": 0.0232, "same_top_pct": 93.4}),
+    frontier_record("quality", "kvggml lo", {"kld_mean": 0.0600, "same_top_pct": 90.0}),
+]
+
+
+@pytest.mark.fast
+def test_the_frontier_marks_dominated_variants():
+    rows = {r["variant"]: r for r in frontier_rows(FRONTIER, 8192)}
+    assert rows["kvggml balanced"]["vs_f16"] == pytest.approx(60.6 / 180)
+    assert {v: r["pareto"] for v, r in rows.items()} == {
+        "stock f16": True,
+        "stock q4_0": True,
+        "kvggml balanced": True,
+        "kvggml lo": False,  # more memory than q4_0 at a higher KLD
+    }
+
+
+@pytest.mark.fast
+def test_measure_tier_frontier_reads_the_bench_cells(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps({"cells": FRONTIER}))
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "measure_tier.py"), "frontier", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "| kvggml balanced | 60.6 | 33.7 % | 23.2 | 0.0232 | 93.4 | yes |" in res.stdout
+    assert "| kvggml lo | 55.0 | 30.6 % | 23.2 | 0.06 | 90.0 |  |" in res.stdout
+    assert (tmp_path / "tier-frontier.png").stat().st_size > 0
+
+
+def test_a_text_too_short_for_the_context_is_named(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    res = bench("--quick", "--only", "quality", "--text", str(short), out=tmp_path / "out")
+    assert res.returncode == 2
+    assert f"--text {short}: 6 tokens, too short: quality at n_ctx 1024 with 2 chunks needs 2048" in res.stderr
+
+
+def cells(out: Path) -> list[dict]:
+    return json.loads((out / "bench.json").read_text())["cells"]
+
+
+def test_memory_cells_are_kept_when_interrupted_and_reused_on_a_rerun(tmp_path):
+    out = tmp_path / "out"
+    args = ["--quick", "--only", "memory", "--memory-ctx", "2048", "--variants", "kvggml balanced"]
+    # Interrupted (Ctrl-C) once the first cell is in the file: it stays there
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kvggml.cli", "bench", *args, "--out", str(out)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "bench.json").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr[-3000:]
+    assert "interrupted: 1 of 2 cells kept" in stderr
+    assert [c["variant"] for c in cells(out)] == ["stock f16"]
+
+    res = bench(*args, out=out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 cells, 1 reused" in res.stderr
+    first = cells(out)
+    by_variant = {c["variant"]: c["result"] for c in first}
+    assert by_variant["stock f16"]["kv_mib"] == pytest.approx(45.0)  # 2048 cells of SmolLM2's 22.5 KiB
+    balanced = by_variant["kvggml balanced"]
+    assert 0 < balanced["exact_f16_mib"] < balanced["kv_mib"] < by_variant["stock f16"]["kv_mib"]
+    assert balanced["stats"]["compressed_tokens"] > 0 and balanced["prompt_tokens"] == 2048
+    table = (out / "bench.md").read_text()
+    assert f"kvggml bench {' '.join(args[:-1])} 'kvggml balanced' --out {out}" in table
+    assert "| kvggml balanced | 2048 |" in table and "| stock f16 | 2048 | 45.0 | 100.0 % |" in table
+
+    res = bench(*args, out=out)
+    assert "2 cells, 2 reused" in res.stderr and "0 to measure" in res.stderr
+    assert cells(out) == first
+
+    # A changed parameter measures only the cells it adds
+    res = bench(*args[:4], "512,2048", *args[5:], out=out)
+    assert "4 cells, 2 reused" in res.stderr and "2 to measure" in res.stderr
+    assert [c for c in cells(out) if c["params"]["n_ctx"] == 2048] == first
+    assert {c["variant"] for c in cells(out) if c["params"]["n_ctx"] == 512} == {"stock f16", "kvggml balanced"}
