@@ -8,11 +8,12 @@
         --sample-every tokens: RSS (VmRSS) and the segments. Set OLLAMA_KV_COMPRESSION_BUDGET
         (e.g. 0.25) to run it under a budget.
     soak.py load [--seconds 600] [--clients 4] [--engine llama-cpp-python|llama-server]
-        starts `kvggml serve` (compression on, a small threshold so requests cross it; with
-        --engine llama-server, llama.cpp's server with one slot per client) and sends it mixed
-        requests from --clients threads: chat and completions, streamed or not, of varied
-        lengths, multi-turn chats, kvggml's /metrics, and malformed ones that must get an error
-        status. Samples the server's RSS and open file descriptors.
+        starts `kvggml serve` (compression on with a small threshold so requests cross it, or
+        off with --no-compression as a baseline; with --engine llama-server, llama.cpp's server
+        with one slot per client) and sends it mixed requests from --clients threads: chat and
+        completions, streamed or not, of varied lengths, multi-turn chats, kvggml's /metrics,
+        and malformed ones that must get an error status. Samples the server's RSS and open
+        file descriptors.
 
 Each prints a table and writes JSON (results/soak-*.json), and exits 1 when a check failed: a
 counter that does not add up, RSS that grew past --rss-slack-mib once warm, an error or a crash.
@@ -385,9 +386,9 @@ class Client:
 
     TOPICS = ("the sea", "mountains", "a city at night", "bread", "rivers", "the moon", "trains", "gardens")
 
-    def __init__(self, url: str, text: str, seed: int, n_ctx: int, engine: str):
+    def __init__(self, url: str, text: str, seed: int, n_ctx: int, engine: str, compressed: bool):
         self.url, self.text, self.rng, self.n_ctx = url, text, random.Random(seed), n_ctx
-        self.engine = ENGINES[engine]
+        self.engine, self.compressed = ENGINES[engine], compressed
         # kind: (weight, request); the weights favour requests that run the model
         self.kinds = {
             "chat": (4, self.chat),
@@ -459,7 +460,8 @@ class Client:
 
     def stats(self) -> None:
         held = metrics(self.url)
-        assert held["kvggml:enabled"] == 1 and held["kvggml:blocks"] * 16 >= held["kvggml:compressed_tokens"], held
+        assert held["kvggml:enabled"] == self.compressed, held
+        assert held["kvggml:blocks"] * 16 >= held["kvggml:compressed_tokens"], held
 
     def models(self) -> None:
         assert json.loads(self.expect(*http(f"{self.url}/v1/models"), 200))["data"]
@@ -518,12 +520,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args.ctx = args.ctx or 2048 * (args.clients if args.engine == "llama-server" else 1)
-    out = Path(args.out or REPO / "results" / f"soak-load-{args.engine}.json")
+    off = "-off" if args.no_compression else ""
+    out = Path(args.out or REPO / "results" / f"soak-load-{args.engine}{off}.json")
     log = out.with_suffix(".server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OLLAMA_KV_COMPRESSION_THRESHOLD": str(args.threshold)}
     cmd = [sys.executable, "-m", "kvggml.cli", "serve", "--port", str(port), "--ctx", str(args.ctx)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--no-compression"] if args.no_compression else []
     n_ctx = args.ctx  # what one request may use
     if args.engine == "llama-server":  # one slot per client, each with its share of the context
         cmd += ["--engine", "llama-server", "--", "-np", str(args.clients), "--metrics"]
@@ -543,12 +547,12 @@ def cmd_load(args: argparse.Namespace) -> int:
 
         start = sample()
         print("warm-up: each kind of request once, then the longest prompt", file=sys.stderr, flush=True)
-        warm_up(Client(url, text, args.seed - 1, n_ctx, args.engine), failures)
+        warm_up(Client(url, text, args.seed - 1, n_ctx, args.engine, not args.no_compression), failures)
         warm = sample()  # buffers for the longest prompt are allocated: from here on RSS should stay flat
         t_load = time.monotonic()
 
         def client(index: int) -> None:
-            me = Client(url, text, args.seed + index, n_ctx, args.engine)
+            me = Client(url, text, args.seed + index, n_ctx, args.engine, not args.no_compression)
             while not stop.is_set():
                 kind = me.pick()
                 began = time.monotonic()
@@ -602,6 +606,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     report = {
         "command": "load",
         "engine": args.engine,
+        "compression": not args.no_compression,
         "seconds": args.seconds,
         "clients": args.clients,
         "n_ctx": args.ctx,
@@ -628,7 +633,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(
         table(
             [
-                ("engine, duration, clients", f"{args.engine}, {args.seconds} s, {args.clients}"),
+                (
+                    "engine, compression, duration, clients",
+                    f"{args.engine}, {'off' if args.no_compression else 'on'}, {args.seconds} s, {args.clients}",
+                ),
                 ("requests served", report["served_total"]),
                 *rows,
                 ("errors", errors),
@@ -668,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         help="kvggml serve's engine (default llama-cpp-python; llama-server: one slot per client)",
     )
     load.add_argument("--ctx", type=int, help="the server's context (default 2048; llama-server: 2048 a slot)")
+    load.add_argument("--no-compression", action="store_true", help="the same load on an exact cache, as a baseline")
     load.add_argument("--threshold", type=int, default=32, help="the server's OLLAMA_KV_COMPRESSION_THRESHOLD")
     load.add_argument("--sample-every", type=float, default=5, help="seconds between RSS and fd samples")
     load.add_argument("--rss-slack-mib", type=float, default=32, help="most the server's RSS may grow once warm")
