@@ -189,6 +189,12 @@ def format_metrics(ctx, n_seq: int) -> str:
     return _format(lambda buf, n: lib.kvggml_format_metrics(_pointer(ctx), n_seq, buf, n), "kvggml_format_metrics")
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text (format_metrics, llama-server's /metrics) as {name with its labels: value}."""
+    lines = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    return {name: float(value) for name, value in lines}
+
+
 def get_stats(ctx) -> dict:
     """Totals of a context's KV cache: exact and compressed bytes, blocks, time spent.
 

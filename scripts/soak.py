@@ -42,6 +42,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from kvggml import native  # noqa: E402
 from kvggml.config import CompressionConfig  # noqa: E402
 
 MIB = 2**20
@@ -198,7 +199,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     llama_cpp = load_llama_cpp()
     silence_llama_logs(llama_cpp)
-    from kvggml import native
 
     failures, ledger, samples = Failures(), Ledger(), []
     rss_start = rss_bytes()
@@ -368,8 +368,7 @@ def metrics(url: str) -> dict[str, float]:
     status, body = http(f"{url}/metrics")
     if status != 200:
         raise AssertionError(f"/metrics: status {status}: {body[:300]!r}")
-    lines = [line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#")]
-    return {name: float(value) for name, value in lines}
+    return native.parse_metrics(body.decode())
 
 
 # What differs between the engines a client talks to. A body that is not JSON gets 500 from

@@ -17,6 +17,7 @@ import pytest
 from conftest import child_env
 from servers import free_port, request, running
 
+from kvggml import native
 from kvggml.library import library_dir
 from kvggml.model import default_model_path, default_text
 
@@ -51,10 +52,7 @@ def running_server(exe, compress: bool, slots_dir, tmp_path_factory):
 def metrics(url: str) -> dict[str, float]:
     """llama-server's /metrics as {name: value}."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
-        text = response.read().decode()
-    return {
-        name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
-    }
+        return native.parse_metrics(response.read().decode())
 
 
 def first_token_logprobs(url: str, prompts: list[str], at_once: bool) -> list[dict[str, float]]:

@@ -13,6 +13,8 @@ import pytest
 from conftest import child_env
 from servers import free_port, request, running
 
+from kvggml import native
+
 THRESHOLD, SINKS, BLOCK = 32, 4, 16  # the window the server runs with, the default sinks and block size
 
 
@@ -59,7 +61,7 @@ def test_multi_turn_chat_completions_compress_the_cache(server):
     with urllib.request.urlopen(f"{server}/metrics", timeout=60) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
-    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    metrics = native.parse_metrics(text)
     for name in ("compressed_tokens", "compressed_bytes", "blocks", "exact_cells"):
         assert float(metrics[f"kvggml:{name}"]) == stats[name], name
     assert float(metrics['kvggml:seq_compressed_tokens{seq="0"}']) == stats["compressed_tokens"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import PATCHED, child_env, last_json, run_script
 
+from kvggml import native
 from kvggml.library import library_dir
 from kvggml.metrics import mean_kld
 from kvggml.model import default_model_path
@@ -270,7 +271,7 @@ def test_sequence_operations_follow_the_compressed_blocks():
     n_blocks = (800 - 4 - WINDOW) // 16
     assert len(out["seq0"]) == len(out["seq1"]) == n_blocks
     # the texts for hosts (llama-server's log and /metrics) count what the segments and stats count
-    metrics = dict(line.rsplit(" ", 1) for line in out["metrics"].splitlines() if not line.startswith("#"))
+    metrics = native.parse_metrics(out["metrics"])
     stats = out["stats"]
     for name in ("exact_cells", "exact_bytes", "compressed_bytes", "compressed_tokens", "blocks", "budget_bytes"):
         assert float(metrics[f"kvggml:{name}"]) == stats[name], name

@@ -48,6 +48,19 @@ std::vector<kvggml_segment> segments_of(const llama_context * ctx, int32_t seq_i
     return segments;
 }
 
+struct Held {
+    uint64_t tokens = 0, bytes = 0;
+};
+
+Held held_by(const std::vector<kvggml_segment> & segments) {
+    Held held;
+    for (const auto & s : segments) {
+        held.tokens += s.n_tokens;
+        held.bytes += s.bytes;
+    }
+    return held;
+}
+
 // f16 bytes of one token's K and V in all layers of the compressible cache.
 double f16_bytes_per_token(const kvggml_stats & stats) {
     return stats.exact_cells > 0 ? (double) stats.exact_bytes / stats.exact_cells : 0.0;
@@ -74,11 +87,9 @@ int64_t kvggml_format_sequence(const struct llama_context * ctx, int32_t seq_id,
     }
     kvggml_stats stats{};
     kvggml_get_stats(ctx, &stats);
-    uint64_t tokens = 0, bytes = 0;
+    const auto [tokens, bytes] = held_by(segments);
     std::map<int32_t, int> per_step;
     for (const auto & s : segments) {
-        tokens += s.n_tokens;
-        bytes += s.bytes;
         per_step[s.step]++;
     }
     std::string text;
@@ -135,13 +146,9 @@ int64_t kvggml_format_metrics(const struct llama_context * ctx, int32_t n_seq, c
                             "# TYPE kvggml:seq_compressed_bytes gauge\n";
         for (int32_t seq = 0; seq < n_seq; ++seq) {
             int64_t seq_status = 0;
-            uint64_t n = 0, b = 0;
-            for (const auto & s : segments_of(ctx, seq, seq_status)) {
-                n += s.n_tokens;
-                b += s.bytes;
-            }
-            append(tokens, "kvggml:seq_compressed_tokens{seq=\"%d\"} %llu\n", seq, (unsigned long long) n);
-            append(bytes, "kvggml:seq_compressed_bytes{seq=\"%d\"} %llu\n", seq, (unsigned long long) b);
+            const Held held = held_by(segments_of(ctx, seq, seq_status));
+            append(tokens, "kvggml:seq_compressed_tokens{seq=\"%d\"} %llu\n", seq, (unsigned long long) held.tokens);
+            append(bytes, "kvggml:seq_compressed_bytes{seq=\"%d\"} %llu\n", seq, (unsigned long long) held.bytes);
         }
         text += tokens + bytes;
     }
