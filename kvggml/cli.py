@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--memory-ctx", type=numbers(int), metavar="LIST", help="memory: contexts (4096,16384)")
     sizes.add_argument("--depths", type=numbers(int), metavar="LIST", help="speed: llama-bench depths (2048,8192)")
     sizes.add_argument("--reps", type=positive, help="speed: llama-bench repetitions (3)")
-    sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (4096)")
-    sizes.add_argument("--chunks", type=positive, help="quality: llama-perplexity chunks (3)")
+    sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (8192)")
+    sizes.add_argument("--chunks", type=positive, help="quality: llama-perplexity chunks (2)")
     sizes.add_argument("--recall-ctx", type=positive, help="recall: the prompt's length in tokens (7600)")
     sizes.add_argument(
         "--recall-depths", type=numbers(float), metavar="LIST", help="recall: where the key is (0.1,0.3,0.5,0.7,0.9)"

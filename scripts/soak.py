@@ -22,6 +22,7 @@ counter that does not add up, RSS that grew past --rss-slack-mib once warm, an e
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -54,6 +55,26 @@ def rss_bytes(pid: int | str = "self") -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2, every arena: uordblks + hblkhd);
+    None without glibc 2.33+. RSS that grows while this stays flat is memory malloc keeps for reuse,
+    not a leak."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        return None
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def open_fds(pid: int) -> int:
@@ -99,21 +120,29 @@ def write_json(path: Path, report: dict) -> None:
 class Ledger:
     """What the compress callback and the context shifts did, to check the library's totals against.
 
-    Counts only (no events kept), so the soak's own memory stays flat.
+    Counts, and the step of each block held (no events kept), so the soak's own memory stays flat.
     """
 
     def __init__(self):
         self.encoded = 0  # blocks encoded (events of step 0)
-        self.coarsened = 0  # hierarchy steps (events of step >= 1)
+        self.coarsened = 0  # hierarchy steps, summed over the coarsening events
         self.freed_blocks = 0  # blocks the shifts removed
         self.removed_tokens = 0  # compressed tokens the shifts removed
         self.shifts = 0
+        self.steps: dict[tuple[int, int], int] = {}  # (seq_id, p0) -> the step its last event reported
 
     def on_compress(self, event: dict) -> None:
+        block = (event["seq_id"], event["p0"])
         if event["step"] == 0:
             self.encoded += 1
         else:
-            self.coarsened += 1
+            # one event per block and pass: under a budget a pass can take a block several steps
+            self.coarsened += event["step"] - self.steps[block]
+        self.steps[block] = event["step"]
+
+    def shifted(self, segments: list[dict]) -> None:
+        """After a context shift: the blocks still held, at their new positions."""
+        self.steps = {(s["seq_id"], s["p0"]): s["step"] for s in segments}
 
 
 def check_stats(
@@ -151,8 +180,8 @@ def check_stats(
     )
     failures.check(
         stats["coarsenings"] == ledger.coarsened,
-        "coarsenings: one event each",
-        f"{where}: {stats['coarsenings']} counted, {ledger.coarsened} events",
+        "coarsenings: the steps the events reported",
+        f"{where}: {stats['coarsenings']} counted, {ledger.coarsened} reported",
     )
     if stats["budget_bytes"]:
         total = stats["exact_bytes"] + stats["compressed_bytes"]
@@ -223,10 +252,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "seconds": round(time.monotonic() - t0, 1),
                     "n_past": n_past,
                     "rss": rss_bytes(),
+                    "heap_in_use": heap_in_use(),
                     **{k: stats[k] for k in ("blocks", "compressed_tokens", "compressed_bytes", "coarsenings")},
                 }
             )
-            check_segments(native.get_segments(run.ctx, 0), stats, settings, failures, f"at token {generated}")
+            segments = native.get_segments(run.ctx, 0)
+            check_segments(segments, stats, settings, failures, f"at token {generated}")
+            held = {(s["seq_id"], s["p0"]): s["step"] for s in segments}
+            failures.check(
+                held == ledger.steps,
+                "segments: each block at the step its last event reported",
+                f"at token {generated}: {sorted(set(held.items()) ^ set(ledger.steps.items()))[:4]}",
+            )
 
         progress = tqdm(range(1, args.tokens + 1), desc="generate", unit="tok", mininterval=2)
         for generated in progress:
@@ -243,6 +280,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 ledger.freed_blocks += before["blocks"] - after["blocks"]
                 ledger.removed_tokens += before["compressed_tokens"] - after["compressed_tokens"]
                 ledger.shifts += 1
+                ledger.shifted(native.get_segments(run.ctx, 0))
                 n_past -= n_discard
             token = sample_token(logits, rng, args.top_k, args.temperature)
             logits = run.decode(np.array([token]), n_past, want_logits=True)[-1]
@@ -287,7 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "growth_after_fill": growth / MIB if growth is not None else None,
         },
         "stats": final,
-        "ledger": vars(ledger),
+        "ledger": {k: v for k, v in vars(ledger).items() if k != "steps"},
         "checks": {
             "per_token": args.tokens,
             "segment_samples": len(samples),
@@ -307,13 +345,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     f"{rss_filled / MIB:.1f} ({filled_at}) / {rss_end / MIB:.1f} MiB" if rss_filled else "never filled",
                 ),
                 ("RSS max after fill, growth", _growth(after_fill, rss_filled, growth)),
+                ("malloc in use, filled / end", _heap(samples, filled_at)),
                 ("blocks encoded / freed / held", f"{ledger.encoded} / {ledger.freed_blocks} / {final['blocks']}"),
                 (
                     "tokens encoded = held + removed",
                     f"{ledger.encoded * 2 ** settings['level']} = {final['compressed_tokens']} + "
                     f"{ledger.removed_tokens}",
                 ),
-                ("coarsenings (stats / events)", f"{final['coarsenings']} / {ledger.coarsened}"),
+                ("hierarchy steps (stats / events)", f"{final['coarsenings']} / {ledger.coarsened}"),
                 ("KV now: exact + compressed", f"{(final['exact_bytes'] + final['compressed_bytes']) / MIB:.1f} MiB"),
                 ("checks", f"{args.tokens} per token, {len(samples)} segment samples"),
                 ("failed checks", ", ".join(f"{k} ({v})" for k, v in failures.counts.items()) or "none"),
@@ -325,6 +364,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         report,
     )
     return 1 if failures.counts else 0
+
+
+def _heap(samples: list[dict], filled_at: int | None) -> str:
+    """The heap malloc has handed out, at the first sample after the fill and at the end."""
+    at_fill = next((s for s in samples if filled_at is not None and s["generated"] >= filled_at), None)
+    if at_fill is None or at_fill["heap_in_use"] is None:
+        return "not measured (needs glibc 2.33+ and a filled cache)"
+    return f"{at_fill['heap_in_use'] / MIB:.1f} / {samples[-1]['heap_in_use'] / MIB:.1f} MiB"
 
 
 def _growth(after_fill: list[int], filled: int | None, growth: int | None) -> str:

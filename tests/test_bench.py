@@ -209,3 +209,22 @@ def test_memory_cells_are_kept_when_interrupted_and_reused_on_a_rerun(tmp_path):
     assert "4 cells, 2 reused" in res.stderr and "2 to measure" in res.stderr
     assert [c for c in cells(out) if c["params"]["n_ctx"] == 2048] == first
     assert {c["variant"] for c in cells(out) if c["params"]["n_ctx"] == 512} == {"stock f16", "kvggml balanced"}
+
+
+def test_a_budget_the_context_cannot_hold_is_a_refused_cell_with_the_librarys_reason(tmp_path):
+    """A fraction of f16 that holds a long context can be too small for a short one, whose exact
+    window is a larger part of it: that cell is recorded as refused, and the bench goes on."""
+    out = tmp_path / "out"
+    variant = "kvggml balanced;BUDGET=0.25"
+    args = ["--quick", "--only", "memory", "--memory-ctx", "1024", "--variants", variant, "--variant", "kvggml lo"]
+    res = bench(*args, out=out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    by_variant = {c["variant"]: c["result"] for c in cells(out)}
+    assert by_variant["kvggml lo"]["kv_mib"] > 0  # the cell after the refused one was measured
+    reason = by_variant[variant]["refused"]
+    assert reason.startswith("OLLAMA_KV_COMPRESSION_BUDGET is 5898240 bytes, below what this context can need")
+    assert f"memory | {variant} | n_ctx 1024, fill: refused: {reason}" in res.stderr
+    table = (out / "bench.md").read_text()
+    assert f"| {variant} | memory | n_ctx 1024 | {reason} |" in table
+    assert f"| {variant} | 1024 |" not in table  # not a row of the memory table
+    assert "3 cells, 3 reused" in bench(*args, out=out).stderr  # a refusal is a finished cell

@@ -35,12 +35,30 @@ class MeasurementError(RuntimeError):
     """A llama.cpp program or a probe failed: its command and the end of its output."""
 
 
+class Refused(MeasurementError):
+    """The library refused the variant's settings for this cell's context: a budget below what the
+    context needs (a fraction of f16 that a long context allows can be too small for a short one,
+    whose exact window is a larger part of it). The cell records the library's reason."""
+
+
+# the library's message (kvggml/csrc/config.cpp, init_budget) when a budget cannot hold the context
+BUDGET_REFUSAL = re.compile(r"kvggml: error: (OLLAMA_KV_COMPRESSION_BUDGET is .* below what this context can need.*)")
+
+
+def check(res: subprocess.CompletedProcess, variant: Variant, cmd: list[str]) -> None:
+    if res.returncode == 0:
+        return
+    refusal = BUDGET_REFUSAL.search(res.stderr)
+    if refusal:
+        raise Refused(refusal.group(1))
+    raise MeasurementError(f"{variant.label}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+
+
 def run_probe(variant: Variant, *args: object) -> object:
     """kvggml.bench.probe with the variant's library and settings; the JSON of its last line."""
     cmd = [sys.executable, "-m", "kvggml.bench.probe", *map(str, args)]
     res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True, cwd=REPO)
-    if res.returncode != 0:
-        raise MeasurementError(f"{variant.label}: {' '.join(cmd[2:])} failed:\n{res.stderr[-3000:]}")
+    check(res, variant, cmd[2:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -48,8 +66,7 @@ def run_tool(variant: Variant, name: str, *args: object) -> subprocess.Completed
     """A llama.cpp program of the variant's build, its output captured."""
     cmd = [str(variant.tool(name)), *map(str, args), *variant.cache_flags()]
     res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True)
-    if res.returncode != 0:
-        raise MeasurementError(f"{variant.label}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    check(res, variant, cmd)
     return res
 
 

@@ -9,7 +9,21 @@ from kvggml.bench.variants import REFERENCE
 
 
 def of(records: list[dict], measurement: str) -> list[dict]:
-    return [r for r in records if r["measurement"] == measurement]
+    """The measured cells of one measurement (not those the library refused)."""
+    return [r for r in records if r["measurement"] == measurement and "refused" not in r["result"]]
+
+
+def refused_table(records: list[dict]) -> str:
+    rows = [
+        [r["variant"], r["measurement"], params_text(r["params"]), r["result"]["refused"]]
+        for r in records
+        if "refused" in r["result"]
+    ]
+    return table(["cache", "measurement", "parameters", "the library's reason"], rows) if rows else ""
+
+
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in params.items() if k in ("n_ctx", "depth"))
 
 
 def reference(records: list[dict], record: dict, *same: str) -> dict | None:
@@ -155,6 +169,8 @@ def frontier_table(rows: list[dict]) -> str:
 def figure(record: dict) -> str:
     """One finished cell's result, in a line."""
     result = record["result"]
+    if "refused" in result:
+        return f"refused: {result['refused']}"
     if record["measurement"] == "memory":
         rss = f", peak RSS {result['peak_rss_mib']:.0f} MiB" if result["peak_rss_mib"] else ""
         return f"KV {result['kv_mib']:.1f} MiB{rss}"
@@ -182,6 +198,9 @@ def markdown(command: str, records: list[dict], frontier_ctx: int | None) -> str
     rows = frontier_rows(records, frontier_ctx) if frontier_ctx else []
     if rows:
         parts.append(f"## Frontier: KV MiB at n_ctx {frontier_ctx} against KLD\n\n{frontier_table(rows)}")
+    refused = refused_table(records)
+    if refused:
+        parts.append(f"## Refused: settings the library cannot hold at a cell's context\n\n{refused}")
     return "\n\n".join(parts) + "\n"
 
 
