@@ -124,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvggml.bench.run import FULL, QUICK, Settings, run
+    from kvggml.bench.run import FULL, FULL_NO_FILL, QUICK, Settings, run
     from kvggml.bench.variants import DEFAULT_VARIANTS, QUICK_VARIANTS
     from kvggml.model import default_model_path
 
@@ -139,6 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         command=shlex.join(["kvggml", *args.argv]),
         variants=list(dict.fromkeys([*(args.variants or defaults_variants), *args.variant])),
         measurements=args.only,
+        no_fill=frozenset(args.no_fill if args.no_fill is not None else () if args.quick else FULL_NO_FILL),
         fresh=args.fresh,
         **sizes,
         **({"threads": args.threads} if args.threads else {}),
@@ -450,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=positive, help="CPU threads (default: all)")
     sizes = bench.add_argument_group("sizes (defaults: the full bench, or --quick's)")
     sizes.add_argument("--memory-ctx", type=numbers(int), metavar="LIST", help="memory: contexts (4096,16384)")
+    sizes.add_argument(
+        "--no-fill",
+        nargs="*",
+        metavar="VARIANT",
+        help="memory: variants measured with an empty context, no peak RSS (full bench: stock q8_0 and q4_0, "
+        "whose allocation does not depend on it and which read a long prompt slowly; --quick: none)",
+    )
     sizes.add_argument("--depths", type=numbers(int), metavar="LIST", help="speed: llama-bench depths (2048,8192)")
     sizes.add_argument("--reps", type=positive, help="speed: llama-bench repetitions (3)")
     sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (8192)")
