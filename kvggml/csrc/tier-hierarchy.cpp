@@ -78,7 +78,7 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     const auto age = [&](const Block & blk) { return (int64_t) newest[blk.seq] - blk.end(); };
     const size_t n_streams = 2 * k_streams.size();
     const auto stream = [&](size_t s) -> Stream & { return s % 2 ? v_streams[s / 2] : k_streams[s / 2]; };
-    // bytes of the blocks coarsened in this round, per stream; the streams are rebuilt once at the end
+    // bytes of the blocks coarsened in this round, per stream; the streams are rewritten once at the end
     std::vector<std::vector<std::vector<uint8_t>>> recoded(blks.size());
     std::vector<uint64_t> bytes_before(blks.size());
     uint64_t total = exact_bytes() + compressed_bytes();
@@ -140,19 +140,13 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     if (std::all_of(recoded.begin(), recoded.end(), [](const auto & r) { return r.empty(); })) {
         return;
     }
+    const std::vector<bool> keep(blks.size(), true);
+    std::vector<const std::vector<uint8_t> *> with(blks.size());
     for (size_t s = 0; s < n_streams; ++s) {
-        Stream & from = stream(s);
-        Stream out;
-        out.bytes.reserve(from.bytes.size());
         for (size_t b = 0; b < blks.size(); ++b) {
-            if (recoded[b].empty()) {
-                out.bytes.insert(out.bytes.end(), from.bytes.begin() + from.offsets[b], from.bytes.begin() + from.offsets[b + 1]);
-            } else {
-                out.bytes.insert(out.bytes.end(), recoded[b][s].begin(), recoded[b][s].end());
-            }
-            out.offsets.push_back(out.bytes.size());
+            with[b] = recoded[b].empty() ? nullptr : &recoded[b][s];
         }
-        from = std::move(out);
+        stream(s).rewrite(keep, with);
     }
     ++gen;
     encode_us += now_us() - t0;

@@ -375,27 +375,38 @@ void Tier::set_callback(kvggml_compress_callback fn, void * user_data) {
     on_compress_data = user_data;
 }
 
+void Stream::rewrite(const std::vector<bool> & keep, const std::vector<const std::vector<uint8_t> *> & with) {
+    size_t n_kept = 0;
+    size_t begin = 0;
+    for (size_t b = 0; b + 1 < offsets.size(); ++b) {
+        const size_t end = offsets[b + 1];  // read before offsets[n_kept + 1], n_kept <= b, is written
+        if (keep[b]) {
+            const uint8_t * from = with[b] ? with[b]->data() : bytes.data() + begin;
+            const size_t n = with[b] ? with[b]->size() : end - begin;
+            std::memmove(bytes.data() + offsets[n_kept], from, n);
+            offsets[n_kept + 1] = offsets[n_kept] + n;
+            ++n_kept;
+        }
+        begin = end;
+    }
+    offsets.resize(n_kept + 1);
+    bytes.resize(offsets.back());
+}
+
 void Tier::erase_blocks_if(const std::function<bool(const Block &)> & pred) {
-    std::vector<bool> drop(blks.size());
-    std::transform(blks.begin(), blks.end(), drop.begin(), pred);
-    if (std::find(drop.begin(), drop.end(), true) == drop.end()) {
+    std::vector<bool> keep(blks.size());
+    std::transform(blks.begin(), blks.end(), keep.begin(), [&](const Block & blk) { return !pred(blk); });
+    if (std::find(keep.begin(), keep.end(), false) == keep.end()) {
         return;
     }
-    std::vector<Block> kept;
+    const std::vector<const std::vector<uint8_t> *> unchanged(blks.size(), nullptr);
     for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
-        for (Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
-            Stream out;
-            for (size_t b = 0; b < blks.size(); ++b) {
-                if (!drop[b]) {
-                    out.bytes.insert(out.bytes.end(), s->bytes.begin() + s->offsets[b], s->bytes.begin() + s->offsets[b + 1]);
-                    out.offsets.push_back(out.bytes.size());
-                }
-            }
-            *s = std::move(out);
-        }
+        k_streams[ikv].rewrite(keep, unchanged);
+        v_streams[ikv].rewrite(keep, unchanged);
     }
+    std::vector<Block> kept;
     for (size_t b = 0; b < blks.size(); ++b) {
-        if (!drop[b]) {
+        if (keep[b]) {
             kept.push_back(std::move(blks[b]));
         }
     }

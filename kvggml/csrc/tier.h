@@ -58,6 +58,13 @@ struct Block {
 struct Stream {
     std::vector<uint8_t> bytes;
     std::vector<size_t>  offsets{0};  // block b is bytes[offsets[b] .. offsets[b+1])
+
+    // Rewrites the blocks in place, in order: block b is dropped where keep[b] is false, and takes
+    // *with[b]'s bytes where with[b] is set, which are never more than its own (coarsening only
+    // shrinks a block), so the writes stay behind the reads. The storage is reused: building a new
+    // stream at every change fragmented the heap, and RSS grew under a budget while malloc's bytes
+    // in use stayed flat.
+    void rewrite(const std::vector<bool> & keep, const std::vector<const std::vector<uint8_t> *> & with);
 };
 
 // How one layer's keys were rotated (RoPE), to rotate compressed keys that moved.
