@@ -174,7 +174,9 @@ KVGGML_API int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t
 
 // A block was just compressed (step 0: encoded, its cells freed) or coarsened (step s >= 1:
 // re-encoded at the hierarchy's step s). Called on the thread that runs llama_decode, once per
-// block and event, after the block is stored and before its cells are reused.
+// block and event, after the block is stored and before its cells are reused. A block coarsened
+// by several steps in one decode (a budget can take it further than its age) gets one event, with
+// the step it reached; kvggml_stats.coarsenings counts the steps.
 typedef struct kvggml_event {
     int32_t  seq_id;
     int32_t  p0;
