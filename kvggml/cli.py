@@ -132,6 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     defaults = QUICK if args.quick else FULL
     defaults_variants = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
     sizes = {name: getattr(args, name) or default for name, default in defaults.items()}  # given ones are positive
+    if args.no_fill is None:
+        args.no_fill = () if args.quick else FULL_NO_FILL
     settings = Settings(
         model=model,
         text=Path(args.text) if args.text else None,
@@ -139,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         command=shlex.join(["kvggml", *args.argv]),
         variants=list(dict.fromkeys([*(args.variants or defaults_variants), *args.variant])),
         measurements=args.only,
-        no_fill=frozenset(args.no_fill if args.no_fill is not None else () if args.quick else FULL_NO_FILL),
+        no_fill=frozenset(args.no_fill),
         fresh=args.fresh,
         **sizes,
         **({"threads": args.threads} if args.threads else {}),

@@ -142,7 +142,12 @@ class Ledger:
 
     def shifted(self, segments: list[dict]) -> None:
         """After a context shift: the blocks still held, at their new positions."""
-        self.steps = {(s["seq_id"], s["p0"]): s["step"] for s in segments}
+        self.steps = steps_of(segments)
+
+
+def steps_of(segments: list[dict]) -> dict[tuple[int, int], int]:
+    """(seq_id, p0) -> hierarchy step of each block the segments list."""
+    return {(s["seq_id"], s["p0"]): s["step"] for s in segments}
 
 
 def check_stats(
@@ -258,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             segments = native.get_segments(run.ctx, 0)
             check_segments(segments, stats, settings, failures, f"at token {generated}")
-            held = {(s["seq_id"], s["p0"]): s["step"] for s in segments}
+            held = steps_of(segments)
             failures.check(
                 held == ledger.steps,
                 "segments: each block at the step its last event reported",
