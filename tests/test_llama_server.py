@@ -9,6 +9,7 @@ rounding in stock llama.cpp too.
 from __future__ import annotations
 
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,8 @@ def test_a_corrupted_slot_file_is_refused_and_the_server_keeps_serving(servers):
 def test_metrics_and_the_slot_log_show_what_each_slot_holds_compressed(servers):
     urls, slots_dir = servers
     url = urls[True]
+    log = slots_dir.parent / "llama-server-on.txt"
+    logged_before = len(slot_log_lines(log, 2))
     reply = completion(url, default_text()[6000:8000], n_predict=4, id_slot=2, cache_prompt=False)
     held = metrics(url)
     tokens = held['kvggml:seq_compressed_tokens{seq="2"}']
@@ -153,13 +156,21 @@ def test_metrics_and_the_slot_log_show_what_each_slot_holds_compressed(servers):
     assert sum(per_slot) == held["kvggml:compressed_tokens"]
     assert held["kvggml:enabled"] == 1 and held["kvggml:compression_ratio"] > 3
     assert held["llamacpp:prompt_tokens_total"] > 0  # llama-server's own metrics are all still there
-    # the slot's timings in the log are followed by the same count
-    log = (slots_dir.parent / "llama-server-on.txt").read_text()
-    lines = [line for line in log.splitlines() if "kvggml: seq 2:" in line]
-    assert lines and f"kvggml: seq 2: {int(tokens)} tokens compressed in {int(tokens) // 16} blocks" in lines[-1]
+    # the slot's timings in the log are followed by the same count; llama.cpp's logger writes from
+    # its own thread, so the line may land after the reply
+    deadline = time.monotonic() + 30
+    while len(lines := slot_log_lines(log, 2)) == logged_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(lines) == logged_before + 1, "this request's timings were not logged with kvggml's count"
+    assert f"kvggml: seq 2: {int(tokens)} tokens compressed in {int(tokens) // 16} blocks" in lines[-1]
     # compression off: kvggml says so, and the log has no such line
     assert metrics(urls[False])["kvggml:enabled"] == 0
     assert "kvggml: seq" not in (slots_dir.parent / "llama-server-off.txt").read_text()
+
+
+def slot_log_lines(log, seq: int) -> list[str]:
+    """The lines of a llama-server log that give kvggml's count for one sequence."""
+    return [line for line in log.read_text().splitlines() if f"kvggml: seq {seq}:" in line]
 
 
 def test_a_bad_variable_stops_llama_server_with_its_reason():
