@@ -155,6 +155,14 @@ SETTINGS: dict[str, Setting] = {
         "a context whose n_ctx cannot fit is refused",
         text=(BUDGET_ALLOWED, parse_budget),
     ),
+    "guidance": Setting(
+        "OLLAMA_KV_COMPRESSION_GUIDANCE",
+        0,
+        "1: the budget coarsens the least-attended blocks first (attention sampled from one query in 64), "
+        "not the oldest; measured worse than age order so far (README, The hierarchy)",
+        min=0,
+        max=1,
+    ),
 }
 
 
@@ -168,6 +176,7 @@ class CompressionConfig:
     hadamard: bool = True
     schedule: tuple[Step, ...] = ()
     budget: tuple[int, float] = (0, 0.0)  # (bytes, fraction of the f16 cache); (0, 0.0): none
+    guidance: bool = False
 
     @property
     def block_tokens(self) -> int:

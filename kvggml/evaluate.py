@@ -76,7 +76,14 @@ class Row:
         if spec == "identity":
             return cls(spec)
         if spec == "kvggml":
-            return cls(spec, policy=CompressionConfig.from_env())
+            policy = CompressionConfig.from_env()
+            if policy.guidance:
+                # the offline row has no attention to sample: it would run age order and say otherwise
+                raise ValueError(
+                    "OLLAMA_KV_COMPRESSION_GUIDANCE=1 is not modelled offline: the row 'kvggml' needs 0 "
+                    "(measure guidance with llama-perplexity on the patched build)"
+                )
+            return cls(spec, policy=policy)
         if spec.startswith("stock:"):
             name = spec.removeprefix("stock:")
             if name not in STOCK_TYPES:

@@ -56,6 +56,12 @@ def test_unknown_row_is_a_clear_error():
         Row.parse("nonsense")
 
 
+def test_guidance_is_refused_offline_rather_than_run_as_age_order(monkeypatch):
+    monkeypatch.setenv("OLLAMA_KV_COMPRESSION_GUIDANCE", "1")
+    with pytest.raises(ValueError, match="OLLAMA_KV_COMPRESSION_GUIDANCE=1 is not modelled offline"):
+        Row.parse("kvggml")
+
+
 def test_sliding_window_model_compresses_its_full_attention_cache(llama_cpp, text):
     model = gemma3_model_path()
     with Runner(llama_cpp, model, n_ctx=640, n_batch=256, n_threads=2) as run:

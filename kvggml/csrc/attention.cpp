@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -36,9 +37,15 @@ void decode_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+void score_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * view = static_cast<const ScoreView *>(userdata);
+    view->tier->gather_attention(*view, dst, ith, nth);
+}
+
 } // namespace
 
-// Visible-or-not of every compressed token for every query token of the micro-batch.
+// Visible-or-not of every compressed token for every query token of the micro-batch, and which
+// query rows guidance samples.
 class AttnInput : public llm_graph_input_i {
 public:
     AttnInput(const Tier & tier, ggml_tensor * mask) : tier(tier), mask(mask), generation(tier.generation()) {}
@@ -52,6 +59,12 @@ public:
         const uint32_t B = tier.config().block_tokens();
         const auto & blocks = tier.blocks();
         const float blocked = -INFINITY;
+        sampled.clear();
+        for (uint32_t i = 0; i < ubatch->n_tokens && tier.guided(); ++i) {
+            if (ubatch->pos[i] % Tier::kGuidanceStride == Tier::kGuidanceStride - 1) {
+                sampled.push_back((int32_t) i);
+            }
+        }
         for (int64_t i = 0; i < mask->ne[1]; ++i) {
             for (int64_t j = 0; j < n_comp; ++j) {
                 const Block & b = blocks[j / B];
@@ -81,6 +94,8 @@ public:
     ggml_tensor * mask;            // [n_comp, n_tokens]: compressed tokens only
     ggml_tensor * joined = nullptr; // mask in front of llama.cpp's own, shared by every layer
     const uint64_t generation;
+    std::vector<int32_t> sampled;   // rows of the queries guidance samples in this micro-batch
+    std::deque<ScoreView> scores;   // the guidance op's of each layer (a deque: their addresses stay)
 };
 
 void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const {
@@ -171,7 +186,7 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
 }
 
 void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                      ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
+                      ggml_tensor * q, float kq_scale, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
     const int64_t n_comp = tier.n_tokens();
     if (input == nullptr) {
         ggml_tensor * mask = ggml_new_tensor_4d(ctx, kq_mask->type, std::max<int64_t>(n_comp, 1), kq_mask->ne[1],
@@ -181,6 +196,9 @@ void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, A
         auto owned = std::make_unique<AttnInput>(tier, mask);
         input = owned.get();
         res->add_input(std::move(owned));  // added even when empty: its can_reuse notices the first block
+        if (tier.guided()) {
+            tier.prepare_gathering();
+        }
     }
     if (n_comp == 0) {
         return;
@@ -189,6 +207,13 @@ void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, A
     const auto * vview = tier.view(il, true);
     k = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1,
                        decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(kview));
+    if (tier.guided()) {
+        // a leaf of the graph: nothing reads its one-element result, the tier gathers
+        input->scores.push_back({&tier, kview->ikv, kq_scale, &input->sampled});
+        ggml_tensor * args[] = {q, k, input->mask};
+        ggml_build_forward_expand(res->get_gf(), ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 3, score_op,
+                                                                GGML_N_TASKS_MAX, &input->scores.back()));
+    }
     if (!vview->transposed) {
         v = ggml_custom_4d(ctx, GGML_TYPE_F16, v->ne[0], v->ne[1], n_comp + v->ne[2], 1, &v, 1,
                            decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(vview));

@@ -15,8 +15,9 @@ class Tier;
 
 // llm_graph_context::build_attn, for layer il: k, v and kq_mask become the compressed tokens
 // followed by the exact ones. `input` holds the mask shared by every layer of the graph; the
-// first layer creates it.
+// first layer creates it. With guidance, the layer's queries q (scaled by kq_scale in the
+// softmax) also score the compressed tokens (tier-guidance.cpp).
 void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                      ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+                      ggml_tensor * q, float kq_scale, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
 
 } // namespace kvggml

@@ -39,6 +39,7 @@ struct Config {
     bool     hadamard  = true;
     std::vector<Step> schedule;  // OLLAMA_KV_COMPRESSION_SCHEDULE, ages increasing, widths narrowing
     Budget   budget;
+    bool     guidance  = false;  // the budget coarsens the least-attended blocks first, not the oldest
 
     uint32_t block_tokens() const { return 1u << level; }
     // Width per subband, A_L first then D_L .. D_1 (level + 1 entries).

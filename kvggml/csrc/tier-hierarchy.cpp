@@ -5,8 +5,10 @@
 //  - its age: a block at least step.age tokens older than its sequence's newest token takes
 //    that step (OLLAMA_KV_COMPRESSION_SCHEDULE);
 //  - the budget: while exact cells + blocks exceed OLLAMA_KV_COMPRESSION_BUDGET, the oldest
-//    block that can still coarsen takes its next step. The budget is checked against n_ctx
-//    when the context is created, so this always ends within it.
+//    block that can still coarsen takes its next step; with OLLAMA_KV_COMPRESSION_GUIDANCE=1,
+//    the least attended (tier-guidance.cpp), the oldest among equals and those not yet seen
+//    last. The budget is checked against n_ctx when the context is created, so this always
+//    ends within it.
 
 #include "tier.h"
 
@@ -121,20 +123,27 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
             take_step(b);
         }
     }
+    std::vector<float> importance(blks.size(), 0.0f);
+    for (size_t b = 0; b < blks.size() && guided(); ++b) {
+        importance[b] = this->importance(b);
+    }
+    const auto coarsens_before = [&](size_t a, size_t b) {
+        return importance[a] != importance[b] ? importance[a] < importance[b] : age(blks[a]) > age(blks[b]);
+    };
     while (budget != 0 && total > budget) {
-        size_t oldest = blks.size();
+        size_t next = blks.size();
         for (size_t b = 0; b < blks.size(); ++b) {
-            if (blks[b].step < steps.size() && (oldest == blks.size() || age(blks[b]) > age(blks[oldest]))) {
-                oldest = b;
+            if (blks[b].step < steps.size() && (next == blks.size() || coarsens_before(b, next))) {
+                next = b;
             }
         }
-        if (oldest == blks.size()) {
+        if (next == blks.size()) {
             // init_budget() sized the budget for n_ctx at the coarsest step, so this is a bug
             fprintf(stderr, "kvggml: error: %llu bytes exceed OLLAMA_KV_COMPRESSION_BUDGET (%llu) with every block "
                     "at its coarsest\n", (unsigned long long) total, (unsigned long long) budget);
             break;
         }
-        take_step(oldest);
+        take_step(next);
     }
 
     if (std::all_of(recoded.begin(), recoded.end(), [](const auto & r) { return r.empty(); })) {

@@ -112,6 +112,7 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
         }
     }
     update_params();
+    n_heads_kv = hp.n_head_kv(il0);
     k_streams.resize(n_layer);
     v_streams.resize(n_layer);
     views.reserve(2 * n_layer);
@@ -209,6 +210,7 @@ void Tier::compress() {
     std::vector<kvggml_event> events;
     {
         std::unique_lock<std::shared_mutex> lock(mutex);
+        fold_attention();
         const std::vector<Run> runs = old_runs();
         if (!runs.empty()) {
             encode_old(runs, events);

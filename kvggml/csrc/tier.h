@@ -6,6 +6,7 @@
 //
 //   tier.cpp         the store: construction, accounting, compress()
 //   tier-hierarchy.cpp  the resolution hierarchy: old blocks coarsened by age and under a budget
+//   tier-guidance.cpp   the attention each block receives, which orders the budget's coarsening
 //   tier-memory.cpp  llama.cpp's memory operations (remove, copy, keep, shift)
 //   tier-state.cpp   saved states
 //   attention.cpp    attention over the tier: the decode op and the mask
@@ -46,6 +47,11 @@ struct Block {
     std::vector<llama_pos> pos;    // per token: its position, or -1 once removed
     std::vector<llama_pos> moved;  // per token: how far it was moved since encoding (RoPE owed to its key)
     uint32_t step = 0;             // steps of the hierarchy's ladder taken (Config::ladder()); 0: as encoded
+    // Guidance (tier-guidance.cpp): per cache layer and KV head, the decayed sum of the attention
+    // sampled queries gave this block, relative to an even spread (1: its share of the blocks they
+    // saw); `observed` is the decayed count of those queries. Empty and 0 until first observed.
+    std::vector<float> attention{};
+    float observed = 0;
 
     bool      empty() const;
     uint32_t  n_alive() const;
@@ -83,6 +89,15 @@ struct LayerView {
     int32_t ikv;        // layer index inside the cache
     bool    is_v;
     bool    transposed; // V stored transposed (no flash attention)
+};
+
+// What the guidance op of one layer needs (tier-guidance.cpp): its queries' sampled rows are
+// `rows`, which the graph's mask input fills before each micro-batch.
+struct ScoreView {
+    Tier *  tier;
+    int32_t ikv;
+    float   kq_scale;
+    const std::vector<int32_t> * rows;
 };
 
 // The settings a running context may change: kvggml_set_settings.
@@ -159,6 +174,17 @@ public:
     void decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const;
     const LayerView * view(int32_t il, bool is_v) const;
 
+    // Guidance (tier-guidance.cpp). Queries at positions p with p % kGuidanceStride ==
+    // kGuidanceStride - 1 are sampled; the op gathers their attention over the compressed tokens
+    // of one layer (src: q, the joined K, the compressed mask) into `gathered`, and compress()
+    // folds it into the blocks.
+    static constexpr int32_t kGuidanceStride = 64;
+    bool guided() const { return cfg.guidance && !steps.empty(); }
+    void prepare_gathering();  // at graph build: `gathered` sized for the blocks now
+    void gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const;
+    // Block b's mean relative attention over layers, heads and queries; +inf before any query saw it.
+    float importance(size_t b) const;
+
     llama_kv_cache & kv;
     std::atomic<uint64_t> encode_us{0};
     mutable std::atomic<uint64_t> decode_us{0};
@@ -184,6 +210,15 @@ private:
     std::vector<Step> steps;  // the hierarchy's ladder
     uint64_t budget = 0;
     uint64_t n_coarsened = 0;
+
+    // Attention the current micro-batch's sampled queries gave each block: per block, cache
+    // layer and KV head, and per block how many queries saw it (counted at layer 0, head 0).
+    mutable std::mutex gathered_mutex;
+    mutable std::vector<float> gathered;
+    mutable std::vector<float> gathered_seen;
+    mutable uint32_t gathered_queries = 0;
+    size_t n_heads_kv = 0;  // KV heads of a cache layer
+    void fold_attention();  // gathered into the blocks' decayed sums, then zeroed
 
     struct Staged {
         std::vector<Block>  blks;

@@ -3,6 +3,7 @@
 Tests that need the patched library (the pytest process holds stock llama.cpp) or
 their own environment run this file:
     python tests/scripts/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
+(optional: "repeat": [first, end] appends tokens[first:end] again after the tokens)
 Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
 """
 
@@ -50,6 +51,9 @@ def main() -> None:
 
             callback = native.CompressCallback(run.ctx, on_compress)
         tokens = run.tokenize(default_text())[: args["tokens"]]
+        if "repeat" in args:  # a passage read again at the end: what induction heads attend to
+            first, end = args["repeat"]
+            tokens = np.concatenate([tokens, tokens[first:end]])
         n_logits = args.get("logits_last", 0)
         head = tokens[: len(tokens) - n_logits]
         run.decode(head, 0)

@@ -1,0 +1,171 @@
+// Guidance: the attention each compressed block receives, gathered from the queries of the
+// attention llama.cpp computes anyway, orders the budget's coarsening (tier-hierarchy.cpp).
+//
+// One query position in kGuidanceStride is sampled (prefill and decode alike). For each sampled
+// query, layer and query head, the op scores the layer's compressed keys, already decoded for
+// attention (the joined K), takes the softmax over the compressed tokens the query may see, and
+// adds each block's share times the number of blocks it saw: 1 is an even spread, so blocks
+// compressed at different depths compare. A block's importance is the mean of that over layers,
+// heads and its queries, decayed so that recent queries count most.
+
+#include "tier.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "ggml.h"
+#include "llama-kv-cache.h"
+
+namespace kvggml {
+
+namespace {
+
+// Per sampled query, the weight of the queries before it: a half-life of about 44 samples
+// (2,800 tokens at the stride of 64).
+constexpr float kGuidanceDecay = 1.0f - 1.0f / 64;
+
+float dot(const float * a, const float * b, int64_t n) {
+    float lanes[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+            lanes[j] += a[i + j] * b[i + j];
+        }
+    }
+    float sum = 0;
+    for (; i < n; ++i) {
+        sum += a[i] * b[i];
+    }
+    for (const float lane : lanes) {
+        sum += lane;
+    }
+    return sum;
+}
+
+float mask_at(const ggml_tensor * mask, int64_t col, int64_t row) {
+    const char * p = (const char *) mask->data + row * mask->nb[1] + col * mask->nb[0];
+    return mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(*(const ggml_fp16_t *) p) : *(const float *) p;
+}
+
+} // namespace
+
+void Tier::prepare_gathering() {
+    std::lock_guard<std::mutex> lock(gathered_mutex);
+    gathered.assign(blks.size() * kv.layers.size() * n_heads_kv, 0.0f);
+    gathered_seen.assign(blks.size(), 0.0f);
+    gathered_queries = 0;
+}
+
+void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const {
+    const ggml_tensor * q = dst->src[0];     // [head_dim, n_head, n_tokens], f32
+    const ggml_tensor * k = dst->src[1];     // [head_dim, n_head_kv, n_comp + n_exact], f16, compressed first
+    const ggml_tensor * mask = dst->src[2];  // [n_comp, rows]: 0 where visible
+    const std::vector<int32_t> & rows = *view.rows;
+    const int64_t head_dim = k->ne[0], n_head = q->ne[1], n_comp = mask->ne[0];
+    const int64_t group = n_head / (int64_t) n_heads_kv;
+    const uint32_t B = cfg.block_tokens();
+    const size_t n_blocks = (size_t) n_comp / B, per_block = kv.layers.size() * n_heads_kv;
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && k->ne[1] == (int64_t) n_heads_kv);
+    if (gathered.size() != n_blocks * per_block) {
+        return;  // the graph was built for other blocks (prepare_gathering): nothing to attribute
+    }
+
+    thread_local std::vector<float> key, query, scores, share, seen;
+    key.resize((size_t) head_dim);
+    query.resize((size_t) head_dim);
+    scores.resize((size_t) n_comp);
+    share.assign(n_blocks * n_heads_kv, 0.0f);
+    seen.assign(n_blocks, 0.0f);
+    const int64_t n_items = (int64_t) rows.size() * n_head;  // (sampled row, query head)
+    for (int64_t item = ith * n_items / nth; item < (ith + 1) * n_items / nth; ++item) {
+        const int32_t row = rows[item / n_head];
+        const int64_t h = item % n_head, kvh = h / group;
+        const char * q_row = (const char *) q->data + row * q->nb[2] + h * q->nb[1];
+        for (int64_t d = 0; d < head_dim; ++d) {
+            query[d] = *(const float *) (q_row + d * q->nb[0]) * view.kq_scale;
+        }
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < n_comp; ++t) {
+            if (mask_at(mask, t, row) != 0.0f) {
+                scores[t] = -std::numeric_limits<float>::infinity();
+                continue;
+            }
+            const auto * k_row = (const ggml_fp16_t *) ((const char *) k->data + t * k->nb[2] + kvh * k->nb[1]);
+            ggml_fp16_to_fp32_row(k_row, key.data(), head_dim);
+            scores[t] = dot(query.data(), key.data(), head_dim);
+            top = std::max(top, scores[t]);
+        }
+        if (top == -std::numeric_limits<float>::infinity()) {
+            continue;  // no compressed token visible to this query
+        }
+        float total = 0;
+        for (int64_t t = 0; t < n_comp; ++t) {
+            scores[t] = std::exp(scores[t] - top);
+            total += scores[t];
+        }
+        size_t n_seen = 0;
+        for (size_t b = 0; b < n_blocks; ++b) {
+            bool visible = false;
+            for (uint32_t r = 0; r < B; ++r) {
+                visible = visible || mask_at(mask, (int64_t) (b * B + r), row) == 0.0f;
+            }
+            n_seen += visible;
+            if (visible && view.ikv == 0 && h == 0) {
+                seen[b] += 1;
+            }
+        }
+        for (size_t b = 0; b < n_blocks; ++b) {
+            float mass = 0;
+            for (uint32_t r = 0; r < B; ++r) {
+                mass += scores[b * B + r];
+            }
+            share[b * n_heads_kv + kvh] += mass / total * (float) n_seen / (float) group;
+        }
+    }
+
+    std::lock_guard<std::mutex> lock(gathered_mutex);
+    for (size_t b = 0; b < n_blocks; ++b) {
+        for (size_t kvh = 0; kvh < n_heads_kv; ++kvh) {
+            gathered[b * per_block + view.ikv * n_heads_kv + kvh] += share[b * n_heads_kv + kvh];
+        }
+        gathered_seen[b] += seen[b];
+    }
+    if (view.ikv == 0 && ith == 0) {
+        gathered_queries += (uint32_t) rows.size();
+    }
+}
+
+void Tier::fold_attention() {
+    std::lock_guard<std::mutex> lock(gathered_mutex);
+    const size_t per_block = kv.layers.size() * n_heads_kv;
+    if (gathered_queries == 0 || gathered.size() != blks.size() * per_block) {
+        return;
+    }
+    const float decay = std::pow(kGuidanceDecay, (float) gathered_queries);
+    for (size_t b = 0; b < blks.size(); ++b) {
+        Block & blk = blks[b];
+        blk.attention.resize(per_block, 0.0f);
+        for (size_t i = 0; i < per_block; ++i) {
+            blk.attention[i] = blk.attention[i] * decay + gathered[b * per_block + i];
+        }
+        blk.observed = blk.observed * decay + gathered_seen[b];
+    }
+    std::fill(gathered.begin(), gathered.end(), 0.0f);
+    std::fill(gathered_seen.begin(), gathered_seen.end(), 0.0f);
+    gathered_queries = 0;
+}
+
+float Tier::importance(size_t b) const {
+    const Block & blk = blks[b];
+    if (blk.observed <= 0 || blk.attention.empty()) {
+        return std::numeric_limits<float>::infinity();
+    }
+    float sum = 0;
+    for (const float a : blk.attention) {
+        sum += a;
+    }
+    return sum / (float) blk.attention.size() / blk.observed;
+}
+
+} // namespace kvggml
