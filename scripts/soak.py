@@ -359,6 +359,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 ),
                 ("hierarchy steps (stats / events)", f"{final['coarsenings']} / {ledger.coarsened}"),
                 ("KV now: exact + compressed", f"{(final['exact_bytes'] + final['compressed_bytes']) / MIB:.1f} MiB"),
+                (
+                    "blocks' storage: encoded / allocated",
+                    f"{final['compressed_bytes'] / MIB:.1f} / {final['allocated_bytes'] / MIB:.1f} MiB",
+                ),
                 ("checks", f"{args.tokens} per token, {len(samples)} segment samples"),
                 ("failed checks", ", ".join(f"{k} ({v})" for k, v in failures.counts.items()) or "none"),
             ]

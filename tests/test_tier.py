@@ -82,6 +82,11 @@ def test_memory_accounting_shows_the_saving(runs):
         8 * stats["compressed_bytes"] / (stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"] / 2)
     )
     assert 3.3 < bits < 3.8  # the balanced preset's 3.55 bits per element
+    # the streams' storage grows by an eighth (vectors double): what they hold, and at most an eighth
+    # and one block more (a block's bound, under twice its f16 bytes) in each of the 2 x 30 streams
+    f16_block_all_streams = 16 * stats["exact_bytes"] // stats["exact_cells"]
+    assert stats["compressed_bytes"] <= stats["allocated_bytes"]
+    assert stats["allocated_bytes"] <= 1.125 * stats["compressed_bytes"] + 2 * f16_block_all_streams
 
 
 def test_compression_on_stays_within_its_quality_bound(runs):
@@ -273,7 +278,16 @@ def test_sequence_operations_follow_the_compressed_blocks():
     # the texts for hosts (llama-server's log and /metrics) count what the segments and stats count
     metrics = native.parse_metrics(out["metrics"])
     stats = out["stats"]
-    for name in ("exact_cells", "exact_bytes", "compressed_bytes", "compressed_tokens", "blocks", "budget_bytes"):
+    names = (
+        "exact_cells",
+        "exact_bytes",
+        "compressed_bytes",
+        "allocated_bytes",
+        "compressed_tokens",
+        "blocks",
+        "budget_bytes",
+    )
+    for name in names:
         assert float(metrics[f"kvggml:{name}"]) == stats[name], name
     assert float(metrics["kvggml:encode_seconds_total"]) == stats["encode_us"] / 1e6
     f16 = stats["compressed_tokens"] * stats["exact_bytes"] / stats["exact_cells"]

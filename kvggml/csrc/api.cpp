@@ -159,6 +159,7 @@ int32_t kvggml_get_stats(const struct llama_context * ctx, kvggml_stats * out) {
         out->decode_us         = tier->decode_us;
         out->budget_bytes      = tier->budget_bytes();
         out->coarsenings       = tier->coarsenings();
+        out->allocated_bytes   = tier->allocated_bytes();
     }
     return KVGGML_OK;
 }

@@ -124,6 +124,8 @@ int64_t kvggml_format_metrics(const struct llama_context * ctx, int32_t n_seq, c
         { "exact_bytes", "gauge", "bytes of the f16 cells, K and V, all layers", (double) stats.exact_bytes },
         { "compressed_bytes", "gauge", "bytes of the compressed blocks, K and V, all layers",
          (double) stats.compressed_bytes },
+        { "allocated_bytes", "gauge", "storage of the compressed blocks: their bytes and room to grow",
+         (double) stats.allocated_bytes },
         { "compressed_tokens", "gauge", "tokens held compressed, all sequences", (double) stats.compressed_tokens },
         { "blocks", "gauge", "compressed blocks", (double) stats.blocks },
         { "compression_ratio", "gauge", "f16 bytes of the compressed tokens over their compressed bytes",

@@ -136,6 +136,7 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
                                              std::to_string(codec.bound()) + ")");
                 }
                 const size_t start = stream.bytes.size();
+                stream.make_room(size);
                 stream.bytes.resize(start + size);
                 read(stream.bytes.data() + start, size);
                 stream.offsets.push_back(stream.bytes.size());

@@ -198,6 +198,14 @@ size_t Tier::compressed_bytes() const {
     return total;
 }
 
+size_t Tier::allocated_bytes() const {
+    size_t total = 0;
+    for (size_t i = 0; i < k_streams.size(); ++i) {
+        total += k_streams[i].bytes.capacity() + v_streams[i].bytes.capacity();
+    }
+    return total;
+}
+
 uint64_t Tier::n_alive() const {
     uint64_t n = 0;
     for (const Block & blk : blks) {
@@ -319,6 +327,7 @@ void Tier::encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, con
             }
         }
         const size_t start = stream.bytes.size();
+        stream.make_room(codec.bound());
         stream.bytes.resize(start + codec.bound());
         const size_t n = codec.encode_f16((const uint16_t *) rows.data(), (size_t) C, stream.bytes.data() + start);
         stream.bytes.resize(start + n);
@@ -395,6 +404,12 @@ void Stream::rewrite(const std::vector<bool> & keep, const std::vector<const std
     bytes.resize(offsets.back());
 }
 
+void Stream::make_room(size_t n) {
+    if (bytes.size() + n > bytes.capacity()) {
+        bytes.reserve(bytes.size() + n + bytes.size() / 8);
+    }
+}
+
 void Tier::erase_blocks_if(const std::function<bool(const Block &)> & pred) {
     std::vector<bool> keep(blks.size());
     std::transform(blks.begin(), blks.end(), keep.begin(), [&](const Block & blk) { return !pred(blk); });
@@ -424,6 +439,7 @@ void Tier::append_copy(const Block & blk, const std::vector<Stream> & from_k, co
             Stream & to = is_v ? v_streams[ikv] : k_streams[ikv];
             // copied first: `from` may be `to`, whose storage the insert can move
             const std::vector<uint8_t> bytes(from.bytes.begin() + from.offsets[b], from.bytes.begin() + from.offsets[b + 1]);
+            to.make_room(bytes.size());
             to.bytes.insert(to.bytes.end(), bytes.begin(), bytes.end());
             to.offsets.push_back(to.bytes.size());
         }

@@ -71,6 +71,9 @@ struct Stream {
     // stream at every change fragmented the heap, and RSS grew under a budget while malloc's bytes
     // in use stayed flat.
     void rewrite(const std::vector<bool> & keep, const std::vector<const std::vector<uint8_t> *> & with);
+    // Room for n more bytes, growing the storage by an eighth rather than the vector's doubling:
+    // a stream keeps its storage for good, so doubling could leave as much spare as data.
+    void make_room(size_t n);
 };
 
 // How one layer's keys were rotated (RoPE), to rotate compressed keys that moved.
@@ -150,6 +153,7 @@ public:
     uint32_t n_tokens() const { return (uint32_t) blks.size() * cfg.block_tokens(); }  // columns, removed ones too
     uint64_t n_alive() const;
     size_t   compressed_bytes() const;
+    size_t   allocated_bytes() const;  // the streams' storage: compressed_bytes() and room to grow
     size_t   exact_bytes() const;  // the f16 cells of the cache, K and V, all layers
     uint64_t budget_bytes() const { return budget; }  // 0: none
     uint64_t coarsenings() const { return n_coarsened; }  // ladder steps taken by blocks, in total

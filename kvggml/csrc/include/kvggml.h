@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 4
+#define KVGGML_VERSION_MINOR 5
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -132,6 +132,7 @@ typedef struct kvggml_stats {
     uint64_t budget_bytes;      // OLLAMA_KV_COMPRESSION_BUDGET in bytes (0: none): exact_bytes +
                                 // compressed_bytes stays at or below it after every micro-batch
     uint64_t coarsenings;       // hierarchy steps taken by blocks, in total
+    uint64_t allocated_bytes;   // storage the blocks' streams hold: compressed_bytes and room to grow
 } kvggml_stats;
 
 // Totals of the context's compressible KV cache (the full-attention one of a sliding-window
