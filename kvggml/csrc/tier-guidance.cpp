@@ -67,16 +67,17 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
     const uint32_t B = cfg.block_tokens();
     const size_t n_blocks = (size_t) n_comp / B, per_block = kv.layers.size() * n_heads_kv;
     GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && k->ne[1] == (int64_t) n_heads_kv);
-    if (gathered.size() != n_blocks * per_block) {
-        return;  // the graph was built for other blocks (prepare_gathering): nothing to attribute
+    if (rows.empty() || gathered.size() != n_blocks * per_block) {
+        return;  // no sampled query (most decode steps), or a graph built for other blocks
     }
 
-    thread_local std::vector<float> key, query, scores, share, seen;
+    thread_local std::vector<float> key, query, scores, share, seen, mass;
     key.resize((size_t) head_dim);
     query.resize((size_t) head_dim);
     scores.resize((size_t) n_comp);
     share.assign(n_blocks * n_heads_kv, 0.0f);
     seen.assign(n_blocks, 0.0f);
+    mass.resize(n_blocks);
     const int64_t n_items = (int64_t) rows.size() * n_head;  // (sampled row, query head)
     for (int64_t item = ith * n_items / nth; item < (ith + 1) * n_items / nth; ++item) {
         const int32_t row = rows[item / n_head];
@@ -104,10 +105,13 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             scores[t] = std::exp(scores[t] - top);
             total += scores[t];
         }
+        // a block is seen where a token of it is visible: masked tokens scored exp(-inf) = 0
+        std::fill(mass.begin(), mass.end(), 0.0f);
         size_t n_seen = 0;
         for (size_t b = 0; b < n_blocks; ++b) {
             bool visible = false;
             for (uint32_t r = 0; r < B; ++r) {
+                mass[b] += scores[b * B + r];
                 visible = visible || mask_at(mask, (int64_t) (b * B + r), row) == 0.0f;
             }
             n_seen += visible;
@@ -116,11 +120,7 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             }
         }
         for (size_t b = 0; b < n_blocks; ++b) {
-            float mass = 0;
-            for (uint32_t r = 0; r < B; ++r) {
-                mass += scores[b * B + r];
-            }
-            share[b * n_heads_kv + kvh] += mass / total * (float) n_seen / (float) group;
+            share[b * n_heads_kv + kvh] += mass[b] / total * (float) n_seen / (float) group;
         }
     }
 
