@@ -163,6 +163,15 @@ SETTINGS: dict[str, Setting] = {
         min=0,
         max=1,
     ),
+    "direct": Setting(
+        "OLLAMA_KV_COMPRESSION_DIRECT",
+        1,
+        "1: attention of micro-batches up to 32 tokens reads the blocks' quantized coefficients directly "
+        "(scores and outputs through the Haar transform); 0: every block is decoded to f16 first, the "
+        "reference path",
+        min=0,
+        max=1,
+    ),
 }
 
 
@@ -177,6 +186,7 @@ class CompressionConfig:
     schedule: tuple[Step, ...] = ()
     budget: tuple[int, float] = (0, 0.0)  # (bytes, fraction of the f16 cache); (0, 0.0): none
     guidance: bool = False
+    direct: bool = True
 
     @property
     def block_tokens(self) -> int:

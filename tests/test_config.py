@@ -64,6 +64,7 @@ BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION_BUDGET", "1.5", "is out of range: expected bytes"),
     ("OLLAMA_KV_COMPRESSION_BUDGET", "0", "is not a size"),
     ("OLLAMA_KV_COMPRESSION_GUIDANCE", "2", "out of range: expected an integer from 0 to 1"),
+    ("OLLAMA_KV_COMPRESSION_DIRECT", "2", "out of range: expected an integer from 0 to 1"),
 ]
 
 

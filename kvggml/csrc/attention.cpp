@@ -42,6 +42,11 @@ void score_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     view->tier->gather_attention(*view, dst, ith, nth);
 }
 
+void attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * view = static_cast<const DirectView *>(userdata);
+    view->tier->attend_direct(*view, dst, ith, nth);
+}
+
 } // namespace
 
 // Visible-or-not of every compressed token for every query token of the micro-batch, and which
@@ -51,7 +56,7 @@ public:
     AttnInput(const Tier & tier, ggml_tensor * mask) : tier(tier), mask(mask), generation(tier.generation()) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        if (joined == nullptr) {
+        if (!used) {
             return;  // no compressed token when the graph was built: the mask is not in it
         }
         GGML_ASSERT(ggml_backend_buffer_is_host(mask->buffer));
@@ -92,10 +97,12 @@ public:
 
     const Tier & tier;
     ggml_tensor * mask;            // [n_comp, n_tokens]: compressed tokens only
+    bool used = false;              // a layer of the graph reads the mask
     ggml_tensor * joined = nullptr; // mask in front of llama.cpp's own, shared by every layer
     const uint64_t generation;
     std::vector<int32_t> sampled;   // rows of the queries guidance samples in this micro-batch
     std::deque<ScoreView> scores;   // the guidance op's of each layer (a deque: their addresses stay)
+    std::deque<DirectView> direct;  // the direct-attention op's of each layer
 };
 
 void Tier::rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const {
@@ -155,7 +162,7 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     const int64_t C = view.is_v ? kv.hparams.n_embd_v_gqa(kv.layers[view.ikv].il) : kv.hparams.n_embd_k_gqa(kv.layers[view.ikv].il);
     const int64_t n_comp = n_blocks * B;
     const Rope & rope = ropes[view.ikv];
-    BlockCodec & codec = thread_codec(params, (int32_t) C);
+    BlockCodec & codec = thread_codec(params, (int32_t) C, view.is_v);
     thread_local std::vector<float> block;
     block.resize((size_t) B * C);
     auto * out = (ggml_fp16_t *) dst->data;
@@ -185,8 +192,9 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     }
 }
 
-void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                      ggml_tensor * q, float kq_scale, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
+ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
+                               ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
+                               ggml_tensor *& kq_mask) {
     const int64_t n_comp = tier.n_tokens();
     if (input == nullptr) {
         ggml_tensor * mask = ggml_new_tensor_4d(ctx, kq_mask->type, std::max<int64_t>(n_comp, 1), kq_mask->ne[1],
@@ -201,10 +209,20 @@ void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, A
         }
     }
     if (n_comp == 0) {
-        return;
+        return nullptr;
     }
+    input->used = true;
     const auto * kview = tier.view(il, false);
     const auto * vview = tier.view(il, true);
+    if (plain && tier.attends_directly(q, k, v)) {
+        const int64_t Dv = vview->transposed ? v->ne[2] : v->ne[0], n_head = q->ne[1], n_tokens = q->ne[2];
+        input->direct.push_back({&tier, kview->ikv, kq_scale});
+        ggml_tensor * args[] = {q, k, v, kq_mask, input->mask};
+        ggml_tensor * parts = ggml_custom_4d(ctx, GGML_TYPE_F32, Dv + 2, n_head, n_tokens, Tier::kDirectParts, args, 5,
+                                             attend_op, GGML_N_TASKS_MAX, &input->direct.back());
+        return ggml_custom_4d(ctx, GGML_TYPE_F32, Dv * n_head, n_tokens, 1, 1, &parts, 1, merge_partials,
+                              GGML_N_TASKS_MAX, nullptr);
+    }
     k = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1,
                        decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(kview));
     if (tier.guided()) {
@@ -230,6 +248,7 @@ void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, A
         input->joined = ggml_concat(ctx, input->mask, kq_mask, 0);
     }
     kq_mask = input->joined;
+    return nullptr;
 }
 
 } // namespace kvggml

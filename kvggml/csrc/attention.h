@@ -13,11 +13,14 @@ namespace kvggml {
 class AttnInput;
 class Tier;
 
-// llm_graph_context::build_attn, for layer il: k, v and kq_mask become the compressed tokens
-// followed by the exact ones. `input` holds the mask shared by every layer of the graph; the
-// first layer creates it. With guidance, the layer's queries q (scaled by kq_scale in the
-// softmax) also score the compressed tokens (tier-guidance.cpp).
-void extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                      ggml_tensor * q, float kq_scale, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+// llm_graph_context::build_attn, for layer il. Where the layer's attention can be computed
+// straight from the blocks (attention-direct.cpp; `plain`: no bias, sinks or latent V), returns
+// its output, as build_attn_mha would. Otherwise returns null, and k, v and kq_mask become the
+// compressed tokens followed by the exact ones, for build_attn_mha. `input` holds the mask shared
+// by every layer of the graph; the first layer creates it. With guidance, the layer's queries q
+// (scaled by kq_scale in the softmax) also score the compressed tokens (tier-guidance.cpp).
+ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
+                               ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
+                               ggml_tensor *& kq_mask);
 
 } // namespace kvggml

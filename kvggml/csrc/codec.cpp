@@ -48,6 +48,8 @@ const CpuFeatures kCpu = cpu_features();
 int32_t rows_of(int32_t B, int32_t L, int32_t k) { return k == 0 ? B >> L : B >> (L + 1 - k); }
 int32_t first_row(int32_t B, int32_t L, int32_t k) { return k == 0 ? 0 : B >> (L + 1 - k); }
 
+} // namespace
+
 // Section 3 along rows (tokens), every channel at once: contiguous inner loops over channels.
 void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
     for (int32_t l = 1; l <= L; ++l) {
@@ -90,6 +92,8 @@ void haar_inverse(float * t, float * tmp, int32_t B, int32_t L, int32_t C) {
         approx = out;
     }
 }
+
+namespace {
 
 // LSB-first bit stream (section 6).
 struct BitWriter {
@@ -520,6 +524,19 @@ int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out
         rows_to_f16(work.data() + (size_t) r * C, out + r * row_stride_elems, C);
     }
     return KVGGML_OK;
+}
+
+int32_t BlockCodec::coefficients(const uint8_t * data, size_t size, const float *& rows, int32_t & rows_coded) {
+    BlockHeader h;
+    const int32_t rc = decode_coefficients(data, size, h);
+    rows_coded = 0;
+    for (int32_t k = 0; k <= h.levels && rc == KVGGML_OK; ++k) {
+        if (h.bits[k]) {
+            rows_coded = first_row(B, h.levels, k) + rows_of(B, h.levels, k);
+        }
+    }
+    rows = work.data();
+    return rc;
 }
 
 int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {

@@ -24,6 +24,10 @@ size_t block_bound(const kvggml_codec_params & params, int32_t channels);
 // channels (R a power of two dividing C; R <= 1 does nothing). Its own inverse.
 void hadamard_rows(float * x, int32_t n_rows, int32_t C, int32_t R);
 
+// Section 3 on n-row columns of C channels: t[B][C] in place, tmp the same size as scratch.
+void haar_forward(float * t, float * tmp, int32_t B, int32_t L, int32_t C);
+void haar_inverse(float * t, float * tmp, int32_t B, int32_t L, int32_t C);
+
 // Parsed block header.
 struct BlockHeader {
     int32_t levels, rotation, channels, group;
@@ -54,6 +58,11 @@ public:
     int32_t decode(const uint8_t * data, size_t size, float * out);
     // The same, rounded to f16 (nearest even) into rows: row r at out + r * row_stride_elems.
     int32_t decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride_elems);
+
+    // The block's dequantized coefficients (section 4, before the inverse transforms): B rows
+    // of C values, valid until this codec's next call. rows_coded is how many leading rows can
+    // be nonzero (the rows after it are all in dropped subbands). KVGGML_OK or an error code.
+    int32_t coefficients(const uint8_t * data, size_t size, const float *& rows, int32_t & rows_coded);
 
     // Section 10: the block re-encoded with narrower subbands bits[0..L] (each 0 or 2..16, at
     // most the block's width), from its stored coefficients, into out (at most `size` bytes).

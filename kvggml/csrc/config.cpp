@@ -188,6 +188,7 @@ Config Config::from_env() {
     c.sinks     = env_int("OLLAMA_KV_COMPRESSION_SINKS", 4, 0, 4096);
     c.hadamard  = env_int("OLLAMA_KV_COMPRESSION_HADAMARD", 1, 0, 1) != 0;
     c.guidance  = env_int("OLLAMA_KV_COMPRESSION_GUIDANCE", 0, 0, 1) != 0;
+    c.direct    = env_int("OLLAMA_KV_COMPRESSION_DIRECT", 1, 0, 1) != 0;
     if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_PRESET"); raw != nullptr && *raw != '\0') {
         const std::string value = trim(raw);
         if (!is_preset(value)) {

@@ -40,6 +40,7 @@ struct Config {
     std::vector<Step> schedule;  // OLLAMA_KV_COMPRESSION_SCHEDULE, ages increasing, widths narrowing
     Budget   budget;
     bool     guidance  = false;  // the budget coarsens the least-attended blocks first, not the oldest
+    bool     direct    = true;   // attention reads the blocks' coefficients (attention-direct.cpp), not f16 copies
 
     uint32_t block_tokens() const { return 1u << level; }
     // Width per subband, A_L first then D_L .. D_1 (level + 1 entries).

@@ -105,7 +105,7 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
             }
             const kvggml_codec_params & params = s % 2 ? params_v : params_k;
             std::vector<uint8_t> next(now.size());
-            const int64_t n = thread_codec(params, h.channels).coarsen(now.data(), now.size(), bits, next.data());
+            const int64_t n = thread_codec(params, h.channels, s % 2).coarsen(now.data(), now.size(), bits, next.data());
             if (n < 0) {
                 throw std::runtime_error(std::string("kvggml: a stored block failed to coarsen: ") +
                                          kvggml_error_name((int32_t) n));

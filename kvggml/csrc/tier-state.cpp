@@ -128,7 +128,7 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
             for (const bool is_v : {false, true}) {
                 const auto & params = is_v ? params_v : params_k;
                 const int32_t C = (int32_t) (is_v ? hp.n_embd_v_gqa(il0) : hp.n_embd_k_gqa(il0));
-                BlockCodec & codec = thread_codec(params, C);
+                BlockCodec & codec = thread_codec(params, C, is_v);
                 Stream & stream = is_v ? staged.v_streams[ikv] : staged.k_streams[ikv];
                 const uint32_t size = get();
                 if (size > codec.bound()) {

@@ -51,16 +51,18 @@ uint64_t now_us() {
         std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels) {
-    thread_local std::unique_ptr<BlockCodec> codec;
-    thread_local kvggml_codec_params key{};
-    thread_local int32_t key_channels = 0;
-    if (!codec || key_channels != channels || std::memcmp(&key, &params, sizeof(params)) != 0) {
-        codec = std::make_unique<BlockCodec>(params, channels);
-        key = params;
-        key_channels = channels;
+BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels, bool is_v) {
+    struct Slot {
+        std::unique_ptr<BlockCodec> codec;
+        kvggml_codec_params key{};
+        int32_t channels = 0;
+    };
+    thread_local Slot slots[2];  // K's and V's
+    Slot & slot = slots[is_v];
+    if (!slot.codec || slot.channels != channels || std::memcmp(&slot.key, &params, sizeof(params)) != 0) {
+        slot = {std::make_unique<BlockCodec>(params, channels), params, channels};
     }
-    return *codec;
+    return *slot.codec;
 }
 
 bool Block::empty() const {
@@ -318,7 +320,7 @@ void Tier::encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, con
     tensor.resize((size_t) C * kv_size);
     ggml_backend_tensor_get(t, tensor.data(), 0, tensor.size() * sizeof(ggml_fp16_t));
     rows.resize((size_t) B * C);
-    BlockCodec & codec = thread_codec(is_v ? params_v : params_k, (int32_t) C);
+    BlockCodec & codec = thread_codec(is_v ? params_v : params_k, (int32_t) C, is_v);
     Stream & stream = is_v ? v_streams[ikv] : k_streams[ikv];
     for (const Run & run : runs) {
         for (uint32_t r = 0; r < B; ++r) {

@@ -103,6 +103,13 @@ struct ScoreView {
     const std::vector<int32_t> * rows;
 };
 
+// What the direct-attention op of one layer needs (attention-direct.cpp).
+struct DirectView {
+    Tier *  tier;
+    int32_t ikv;
+    float   kq_scale;
+};
+
 // The settings a running context may change: kvggml_set_settings.
 struct Settings {
     uint32_t threshold, sinks;
@@ -177,6 +184,16 @@ public:
     // Custom-op bodies: decode layer `view` into dst, blocks split across threads.
     void decode_into(const LayerView & view, ggml_tensor * dst, int ith, int nth) const;
     const LayerView * view(int32_t il, bool is_v) const;
+
+    // Attention straight from the blocks' coefficients (attention-direct.cpp), for micro-batches of
+    // up to kDirectMaxQueries tokens: larger ones decode each block once and reuse it across their
+    // queries. attends_directly: whether it serves this layer's q, exact k and v (and the settings,
+    // the blocks); attend_direct: the op's body, filling dst (the partials, [Dv + 2, n_head,
+    // n_tokens, kDirectParts]) from src q, k, v, the exact cells' mask and the compressed mask.
+    static constexpr int64_t kDirectMaxQueries = 32;
+    static constexpr int64_t kDirectParts = 16;
+    bool attends_directly(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) const;
+    void attend_direct(const DirectView & view, ggml_tensor * dst, int ith, int nth) const;
 
     // Guidance (tier-guidance.cpp). Queries at positions p with p % kGuidanceStride ==
     // kGuidanceStride - 1 are sampled; the op gathers their attention over the compressed tokens
@@ -266,12 +283,16 @@ private:
     void rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const;
 };
 
+// The direct-attention op's second half: dst [Dv * n_head, n_tokens] = the partials (src[0])
+// joined into one softmax per query and head.
+void merge_partials(ggml_tensor * dst, int ith, int nth, void * userdata);
+
 // Microseconds of a steady clock, for the encode/decode counters.
 uint64_t now_us();
 
-// This thread's codec for these parameters: a codec owns its scratch and is not shared
-// between threads.
-BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels);
+// This thread's codec for these parameters, one for K and one for V, so both can be used at once:
+// a codec owns its scratch and is not shared between threads.
+BlockCodec & thread_codec(const kvggml_codec_params & params, int32_t channels, bool is_v);
 
 // The plain KV cache that holds the compressed tier of `memory` (the full-attention cache
 // of a sliding-window model), or null when there is none.

@@ -3,7 +3,8 @@
 Tests that need the patched library (the pytest process holds stock llama.cpp) or
 their own environment run this file:
     python tests/scripts/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
-(optional: "repeat": [first, end] appends tokens[first:end] again after the tokens)
+(optional: "repeat": [first, end] appends tokens[first:end] again after the tokens; "tail_batch": the
+last logits_last tokens in micro-batches of this many; "threads": ggml threads, 2 unless given)
 Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
 """
 
@@ -34,7 +35,7 @@ def main() -> None:
             default_model_path(),
             n_ctx=args["n_ctx"],
             n_batch=args.get("n_batch", 512),
-            n_threads=2,
+            n_threads=args.get("threads", 2),
             flash_attn=args.get("flash_attn", True),
         )
     except RuntimeError as err:
@@ -59,6 +60,7 @@ def main() -> None:
         run.decode(head, 0)
         report["stats_after_prefix"] = stats_or_none(llama_cpp, run.ctx)
         if n_logits:
+            run.n_batch = args.get("tail_batch", run.n_batch)
             logits = run.decode(tokens[len(head) :], len(head), want_logits=True)
             np.save(args["out"], logits)
         report["stats"] = stats_or_none(llama_cpp, run.ctx)

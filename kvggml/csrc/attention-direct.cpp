@@ -1,0 +1,369 @@
+// Attention straight from the compressed blocks: no f16 copy of a block is made.
+//
+// The Haar transform along tokens is linear and orthonormal (docs/FORMAT.md, section 3), so for
+// a block with coefficient rows c_r (its K rows are W^T c) and a query q:
+//   scores  s = W^T (c_r . q)         the inverse transform of B dot products
+//   output  o = sum_r (W p)_r c'_r    the forward transform of the softmax weights p, applied
+//                                     to the V coefficient rows c'_r
+// Dropped subbands are rows that are zero, so a coarsened block costs fewer dot products.
+//
+// One exact softmax runs over the compressed blocks and the exact cells, online (running max
+// and sum). The work is cut into kDirectParts fixed parts of the layer's blocks and cells, each
+// with its own running state (the "partials" tensor); a second op joins them. The parts do not
+// depend on the thread count, so 1 and n threads give the same bits.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ggml.h"
+#include "llama-kv-cache.h"
+#include "tier.h"
+
+// The loops below are compiled for AVX-512, AVX2 and baseline x86-64, the best picked when the
+// library loads; the code is the same, so are the results up to the order of float sums.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KVGGML_CODEC_PORTABLE)
+#define KVGGML_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KVGGML_SIMD_CLONES
+#endif
+
+namespace kvggml {
+
+namespace {
+
+// Eight lanes of partial sums in a vector, added pairwise at the end, so the whole dot product
+// vectorizes (a single running sum could not be reordered).
+typedef float Lanes __attribute__((vector_size(32)));
+
+inline float dot(const float * a, const float * b, int64_t n) {
+    Lanes sum = {};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        Lanes x, y;
+        std::memcpy(&x, a + c, sizeof(x));
+        std::memcpy(&y, b + c, sizeof(y));
+        sum += x * y;
+    }
+    float total = ((sum[0] + sum[4]) + (sum[2] + sum[6])) + ((sum[1] + sum[5]) + (sum[3] + sum[7]));
+    for (; c < n; ++c) {
+        total += a[c] * b[c];
+    }
+    return total;
+}
+
+inline void axpy(float a, const float * x, float * y, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) {
+        y[c] += a * x[c];
+    }
+}
+
+// acc[0..D) += sum over r < n_rows of w[r * w_stride] * rows[r * row_stride + c]: 64 channels at
+// a time summed in registers, even and odd rows apart so that two chains of adds overlap.
+inline void weighted_rows(const float * w, int64_t w_stride, const float * rows, int64_t row_stride, int64_t n_rows,
+                          float * acc, int64_t D) {
+    int64_t c0 = 0;
+    for (; c0 + 64 <= D; c0 += 64) {
+        float even[64] = {}, odd[64] = {};
+        int64_t r = 0;
+        for (; r + 2 <= n_rows; r += 2) {
+            const float w0 = w[r * w_stride], w1 = w[(r + 1) * w_stride];
+            const float * row0 = rows + r * row_stride + c0, * row1 = row0 + row_stride;
+            for (int c = 0; c < 64; ++c) {
+                even[c] += w0 * row0[c];
+                odd[c] += w1 * row1[c];
+            }
+        }
+        if (r < n_rows) {
+            axpy(w[r * w_stride], rows + r * row_stride + c0, even, 64);
+        }
+        for (int c = 0; c < 64; ++c) {
+            acc[c0 + c] += even[c] + odd[c];
+        }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+        axpy(w[r * w_stride], rows + r * row_stride + c0, acc + c0, D - c0);
+    }
+}
+
+// e^x for scores less their maximum (x <= 0, or -inf for a hidden token, which gives 0), within
+// a few ulp (Cephes' polynomial), without branches so the loop vectorizes where expf would not.
+inline void exp_nonpositive(float * x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float v = std::max(x[j], -87.0f);
+        const float k = (v * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
+        const float r = v - k * 0.693359375f + k * 2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        const float e = p * r * r + r + 1.0f;
+        int32_t bits = ((int32_t) k + 127) << 23;
+        float scale;
+        std::memcpy(&scale, &bits, 4);
+        x[j] = x[j] < -87.0f ? 0.0f : e * scale;
+    }
+}
+
+// One query head's running softmax: acc[Dv], then the running max m and sum l.
+struct Running {
+    float * acc;
+    int64_t Dv;
+    float & m() const { return acc[Dv]; }
+    float & l() const { return acc[Dv + 1]; }
+};
+
+// The shapes of one layer's direct attention.
+struct Shape {
+    int64_t Dk, Dv, n_head, n_head_kv, n_gqa, n_q, B, L;
+    float   kq_scale;
+};
+
+// Query t, head i's running softmax in one part of the partials: [Dv + 2][n_head][n_q].
+inline Running state(float * part, const Shape & sh, int64_t t, int64_t i) {
+    return {part + (t * sh.n_head + i) * (sh.Dv + 2), sh.Dv};
+}
+
+// Scores s[0..n) join the running softmax: s becomes their weights e^(s - m). False (s untouched)
+// when every score is -inf: nothing of these tokens is visible.
+inline bool join_softmax(const Running & st, float * s, int64_t n) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+        top = std::max(top, s[j]);
+    }
+    if (top == -INFINITY) {
+        return false;
+    }
+    if (top > st.m()) {
+        const float f = st.m() == -INFINITY ? 0.0f : std::exp(st.m() - top);
+        for (int64_t c = 0; c < st.Dv; ++c) {
+            st.acc[c] *= f;
+        }
+        st.l() *= f;
+        st.m() = top;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] -= st.m();
+    }
+    exp_nonpositive(s, n);
+    float sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        sum += s[j];
+    }
+    st.l() += sum;
+    return true;
+}
+
+float mask_at(const ggml_tensor * mask, int64_t col, int64_t row) {
+    const char * p = (const char *) mask->data + col * mask->nb[0] + row * mask->nb[1];
+    return mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(*(const ggml_fp16_t *) p) : *(const float *) p;
+}
+
+KVGGML_SIMD_CLONES void f16_to_f32(const uint16_t * in, float * out, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) {
+        out[c] = fp16_to_fp32(in[c]);
+    }
+}
+
+// One compressed block for every query: its K coefficient rows, V's bytes, the mask's B columns of
+// each query (mask[t * B + j]), the queries q[(t * n_head + i) * Dk], the states in `part`.
+// y and tmp are scratch of B * n_q * n_head; attended of n_q * n_head. Column t * n_head + i of
+// y holds query t, head i's values for the block's B rows, so each transform runs once for all.
+KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int32_t k_coded, BlockCodec & vc,
+                                     const uint8_t * v_bytes, size_t v_size, const float * mask, const float * q,
+                                     float * part, float * y, float * tmp, uint8_t * attended) {
+    const int64_t B = sh.B, Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, n = sh.n_q * sh.n_head;
+    for (int64_t r = 0; r < B; ++r) {
+        for (int64_t x = 0; x < n; ++x) {
+            const int64_t h = (x % sh.n_head) / sh.n_gqa;
+            y[r * n + x] = r < k_coded ? dot(k_rows + r * Ck + h * sh.Dk, q + x * sh.Dk, sh.Dk) : 0.0f;
+        }
+    }
+    haar_inverse(y, tmp, (int32_t) B, (int32_t) sh.L, (int32_t) n);  // scores, unscaled
+    float s[1 << kMaxLevels];
+    for (int64_t x = 0; x < n; ++x) {
+        for (int64_t j = 0; j < B; ++j) {
+            s[j] = y[j * n + x] * sh.kq_scale + mask[(x / sh.n_head) * B + j];
+        }
+        attended[x] = join_softmax(state(part, sh, x / sh.n_head, x % sh.n_head), s, B);
+        for (int64_t j = 0; j < B; ++j) {
+            y[j * n + x] = attended[x] ? s[j] : 0.0f;
+        }
+    }
+    haar_forward(y, tmp, (int32_t) B, (int32_t) sh.L, (int32_t) n);  // the weights of the V coefficient rows
+    const float * v_rows;
+    int32_t v_coded;
+    GGML_ASSERT(vc.coefficients(v_bytes, v_size, v_rows, v_coded) == KVGGML_OK && "kvggml: a compressed block failed to decode");
+    for (int64_t x = 0; x < n; ++x) {
+        if (attended[x]) {
+            const int64_t h = (x % sh.n_head) / sh.n_gqa;
+            weighted_rows(y + x, n, v_rows + h * sh.Dv, Cv, v_coded, state(part, sh, x / sh.n_head, x % sh.n_head).acc, sh.Dv);
+        }
+    }
+}
+
+// Exact cells [0, n) as f32 rows k[j * Ck], v[j * Cv], for every query.
+KVGGML_SIMD_CLONES void attend_cells(const Shape & sh, int64_t n, const float * k, const float * v, const float * mask,
+                                     const float * q, float * part) {
+    const int64_t Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv;
+    float s[1 << kMaxLevels];  // n <= B
+    for (int64_t t = 0; t < sh.n_q; ++t) {
+        for (int64_t i = 0; i < sh.n_head; ++i) {
+            const int64_t h = i / sh.n_gqa;
+            const float * qi = q + (t * sh.n_head + i) * sh.Dk;
+            for (int64_t j = 0; j < n; ++j) {
+                s[j] = dot(k + j * Ck + h * sh.Dk, qi, sh.Dk) * sh.kq_scale + mask[t * sh.B + j];
+            }
+            const Running st = state(part, sh, t, i);
+            if (join_softmax(st, s, n)) {
+                weighted_rows(s, 1, v + h * sh.Dv, Cv, n, st.acc, sh.Dv);
+            }
+        }
+    }
+}
+
+} // namespace
+
+bool Tier::attends_directly(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) const {
+    const bool v_trans = v->nb[1] > v->nb[2];
+    const int64_t Dv = v_trans ? v->ne[2] : v->ne[0];
+    return cfg.direct && !guided() && q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) &&
+           k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && k->ne[3] == 1 && q->ne[3] == 1 &&
+           q->ne[2] <= kDirectMaxQueries && q->ne[0] == k->ne[0] && q->ne[1] % k->ne[1] == 0 &&
+           Dv * k->ne[1] == (int64_t) kv.hparams.n_embd_v_gqa(kv.layers.front().il) &&
+           params_k.rotation <= 1 && params_v.rotation <= 1 &&  // keys in the cache's own basis
+           !kv.hparams.attn_soft_cap && kv.hparams.f_max_alibi_bias == 0.0f &&
+           std::none_of(blks.begin(), blks.end(), [](const Block & b) {  // moved keys owe RoPE
+               return std::any_of(b.moved.begin(), b.moved.end(), [](llama_pos m) { return m != 0; });
+           });
+}
+
+void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, int nth) const {
+    const auto lock = read_lock();
+    const uint64_t t0 = now_us();
+    const ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2], * mask = dst->src[3], * comp = dst->src[4];
+    const bool v_trans = v->nb[1] > v->nb[2];
+    Shape sh;
+    sh.Dk = q->ne[0];
+    sh.Dv = dst->ne[0] - 2;
+    sh.n_head = q->ne[1];
+    sh.n_head_kv = k->ne[1];
+    sh.n_gqa = sh.n_head / sh.n_head_kv;
+    sh.n_q = q->ne[2];
+    sh.B = cfg.block_tokens();
+    sh.L = cfg.level;
+    sh.kq_scale = view.kq_scale;
+    const int64_t Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, B = sh.B;
+    const int64_t n_blocks = (int64_t) blks.size(), n_exact = k->ne[2];
+    const int64_t n_items = n_blocks + (n_exact + B - 1) / B, n_parts = dst->ne[3];
+    const Stream & ks = k_streams[view.ikv], & vs = v_streams[view.ikv];
+    BlockCodec & kc = thread_codec(params_k, (int32_t) Ck, false);
+    BlockCodec & vc = thread_codec(params_v, (int32_t) Cv, true);
+
+    thread_local std::vector<float> queries, masks, k_rows, v_rows, y, tmp;
+    thread_local std::vector<uint8_t> attended;
+    queries.resize((size_t) sh.n_q * sh.n_head * sh.Dk);
+    for (int64_t t = 0; t < sh.n_q; ++t) {
+        for (int64_t i = 0; i < sh.n_head; ++i) {
+            std::memcpy(queries.data() + (t * sh.n_head + i) * sh.Dk, (const char *) q->data + t * q->nb[2] + i * q->nb[1],
+                        sh.Dk * sizeof(float));
+        }
+    }
+    masks.resize((size_t) sh.n_q * B);
+    k_rows.resize((size_t) B * Ck);
+    v_rows.resize((size_t) B * Cv);
+    y.resize((size_t) sh.n_q * sh.n_head * B);
+    tmp.resize(y.size());
+    attended.resize((size_t) sh.n_q * sh.n_head);
+
+    for (int64_t p = ith; p < n_parts; p += nth) {
+        float * part = (float *) dst->data + p * sh.n_q * sh.n_head * (sh.Dv + 2);
+        for (int64_t t = 0; t < sh.n_q; ++t) {
+            for (int64_t i = 0; i < sh.n_head; ++i) {
+                const Running st = state(part, sh, t, i);
+                std::fill(st.acc, st.acc + sh.Dv, 0.0f);
+                st.m() = -INFINITY;
+                st.l() = 0;
+            }
+        }
+        for (int64_t it = p * n_items / n_parts; it < (p + 1) * n_items / n_parts; ++it) {
+            const bool block = it < n_blocks;
+            const int64_t first = block ? it * B : (it - n_blocks) * B;  // column in its mask
+            const int64_t n = block ? B : std::min(B, n_exact - first);
+            bool seen = false;
+            for (int64_t t = 0; t < sh.n_q; ++t) {
+                for (int64_t j = 0; j < B; ++j) {
+                    masks[t * B + j] = j < n ? mask_at(block ? comp : mask, first + j, t) : -INFINITY;
+                    seen = seen || masks[t * B + j] != -INFINITY;
+                }
+            }
+            if (!seen) {
+                continue;  // removed tokens, or another sequence's
+            }
+            if (block) {
+                const float * rows;
+                int32_t coded;
+                GGML_ASSERT(kc.coefficients(ks.bytes.data() + ks.offsets[it], ks.offsets[it + 1] - ks.offsets[it], rows,
+                                            coded) == KVGGML_OK && "kvggml: a compressed block failed to decode");
+                attend_block(sh, rows, coded, vc, vs.bytes.data() + vs.offsets[it], vs.offsets[it + 1] - vs.offsets[it],
+                             masks.data(), queries.data(), part, y.data(), tmp.data(), attended.data());
+                continue;
+            }
+            for (int64_t j = 0; j < n; ++j) {
+                const char * kj = (const char *) k->data + (first + j) * k->nb[2];
+                for (int64_t h = 0; h < sh.n_head_kv; ++h) {
+                    f16_to_f32((const uint16_t *) (kj + h * k->nb[1]), k_rows.data() + j * Ck + h * sh.Dk, sh.Dk);
+                    if (!v_trans) {
+                        f16_to_f32((const uint16_t *) ((const char *) v->data + (first + j) * v->nb[2] + h * v->nb[1]),
+                                   v_rows.data() + j * Cv + h * sh.Dv, sh.Dv);
+                        continue;
+                    }
+                    for (int64_t d = 0; d < sh.Dv; ++d) {  // [cell][head][dim] strides of a transposed V
+                        v_rows[j * Cv + h * sh.Dv + d] = fp16_to_fp32(
+                            *(const uint16_t *) ((const char *) v->data + (first + j) * v->nb[0] + h * v->nb[1] + d * v->nb[2]));
+                    }
+                }
+            }
+            attend_cells(sh, n, k_rows.data(), v_rows.data(), masks.data(), queries.data(), part);
+        }
+    }
+    if (ith == 0) {
+        decode_us += now_us() - t0;  // thread 0's share: a sample of the op's wall time
+    }
+}
+
+void merge_partials(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    GGML_UNUSED(userdata);
+    const ggml_tensor * parts = dst->src[0];
+    const int64_t Dv = parts->ne[0] - 2, n_head = parts->ne[1], n_q = parts->ne[2], n_parts = parts->ne[3];
+    const auto * in = (const float *) parts->data;
+    for (int64_t x = ith; x < n_q * n_head; x += nth) {
+        float * out = (float *) ((char *) dst->data + (x / n_head) * dst->nb[1]) + (x % n_head) * Dv;
+        float top = -INFINITY;
+        for (int64_t p = 0; p < n_parts; ++p) {
+            top = std::max(top, in[(p * n_q * n_head + x) * (Dv + 2) + Dv]);
+        }
+        std::fill(out, out + Dv, 0.0f);
+        if (top == -INFINITY) {
+            continue;  // nothing visible (a padding row)
+        }
+        float sum = 0;
+        for (int64_t p = 0; p < n_parts; ++p) {
+            const float * st = in + (p * n_q * n_head + x) * (Dv + 2);
+            if (st[Dv] == -INFINITY) {
+                continue;
+            }
+            const float f = std::exp(st[Dv] - top);
+            sum += st[Dv + 1] * f;
+            axpy(f, st, out, Dv);
+        }
+        for (int64_t c = 0; c < Dv; ++c) {
+            out[c] /= sum;
+        }
+    }
+}
+
+} // namespace kvggml

@@ -1,0 +1,66 @@
+"""Attention straight from the compressed blocks (kvggml/csrc/attention-direct.cpp) against the
+reference path, which decodes every block to f16 and runs llama.cpp's own attention.
+
+Micro-batches of up to 32 tokens take the direct path; the prompt (512-token micro-batches) takes
+the reference one in both runs, so the runs differ only in how the decoded tokens attend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_tier import ON, probe
+
+from kvggml.metrics import mean_kld
+
+# the last 48 tokens decoded one at a time, over about 1,300 compressed tokens
+ARGS = dict(tail_batch=1, logits_last=48)
+DIRECT, REFERENCE = {"OLLAMA_KV_COMPRESSION_DIRECT": "1"}, {"OLLAMA_KV_COMPRESSION_DIRECT": "0"}
+# a budget that coarsens most old blocks: blocks of mixed levels, with dropped subbands
+MIXED = {"OLLAMA_KV_COMPRESSION_BUDGET": "0.245"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("direct")
+    return {
+        "stock": probe(tmp, "stock", **ARGS),
+        "direct": probe(tmp, "patched", {**ON, **DIRECT}, **ARGS),
+        "direct-1-thread": probe(tmp, "patched", {**ON, **DIRECT}, threads=1, **ARGS),
+        "reference": probe(tmp, "patched", {**ON, **REFERENCE}, **ARGS),
+        "reference-no-fa": probe(tmp, "patched", {**ON, **REFERENCE}, flash_attn=False, **ARGS),
+        "direct-no-fa": probe(tmp, "patched", {**ON, **DIRECT}, flash_attn=False, **ARGS),
+        "mixed-direct": probe(tmp, "patched", {**ON, **DIRECT, **MIXED}, **ARGS),
+        "mixed-reference": probe(tmp, "patched", {**ON, **REFERENCE, **MIXED}, **ARGS),
+    }
+
+
+def test_direct_attention_agrees_with_the_reference_as_closely_as_its_own_two_attention_kernels(runs):
+    # The reference rounds queries and softmax weights to f16 (llama.cpp's f16 kernels), the direct
+    # path keeps f32: they cannot agree bit for bit. The yardstick is how far the reference moves
+    # between llama.cpp's two attention kernels (flash attention on and off) on the same tier.
+    yardstick = mean_kld(runs["reference"]["logits"], runs["reference-no-fa"]["logits"])
+    assert 0 < yardstick < 0.02
+    assert mean_kld(runs["reference"]["logits"], runs["direct"]["logits"]) < 2 * yardstick
+    # flash attention changes the layout of V (transposed without it); the direct path reads both
+    assert mean_kld(runs["reference-no-fa"]["logits"], runs["direct-no-fa"]["logits"]) < 2 * yardstick
+
+
+def test_direct_attention_costs_no_quality_against_stock(runs):
+    stock = runs["stock"]["logits"]
+    kld_reference, kld_direct = mean_kld(stock, runs["reference"]["logits"]), mean_kld(stock, runs["direct"]["logits"])
+    assert 0 < kld_direct < 1.25 * kld_reference + 0.002
+
+
+def test_coarsened_blocks_attend_directly_with_fewer_rows(runs):
+    # under the budget most blocks lost detail subbands: their dropped rows are skipped, not read as 0
+    mixed = runs["mixed-direct"]["stats"]
+    assert mixed["coarsenings"] > 0
+    assert mixed["compressed_bytes"] < 0.8 * runs["direct"]["stats"]["compressed_bytes"]
+    yardstick = mean_kld(runs["reference"]["logits"], runs["reference-no-fa"]["logits"])
+    assert mean_kld(runs["mixed-reference"]["logits"], runs["mixed-direct"]["logits"]) < 2 * yardstick
+
+
+def test_direct_attention_gives_the_same_bits_on_any_thread_count(runs):
+    # the work is cut into fixed parts, whatever the threads: 1 and 2 threads compute the same sums
+    assert np.array_equal(runs["direct"]["logits"], runs["direct-1-thread"]["logits"])
