@@ -116,15 +116,18 @@ struct Running {
     float & l() const { return acc[Dv + 1]; }
 };
 
-// The shapes of one layer's direct attention.
+// The shapes of one layer's direct attention. x = t * n_head + i numbers query t's head i.
 struct Shape {
     int64_t Dk, Dv, n_head, n_head_kv, n_gqa, n_q, B, L;
     float   kq_scale;
+    const int32_t * kv_heads;  // per x: its KV head, i / n_gqa (a division the inner loops skip)
+
+    int64_t kv_head(int64_t x) const { return kv_heads[x]; }
 };
 
-// Query t, head i's running softmax in one part of the partials: [Dv + 2][n_head][n_q].
-inline Running state(float * part, const Shape & sh, int64_t t, int64_t i) {
-    return {part + (t * sh.n_head + i) * (sh.Dv + 2), sh.Dv};
+// Query head x's running softmax in one part of the partials: [Dv + 2][n_head][n_q].
+inline Running state(float * part, const Shape & sh, int64_t x) {
+    return {part + x * (sh.Dv + 2), sh.Dv};
 }
 
 // Scores s[0..n) join the running softmax: s becomes their weights e^(s - m). False (s untouched)
@@ -176,19 +179,20 @@ KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int
                                      const uint8_t * v_bytes, size_t v_size, const float * mask, const float * q,
                                      float * part, float * y, float * tmp, uint8_t * attended) {
     const int64_t B = sh.B, Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, n = sh.n_q * sh.n_head;
-    for (int64_t r = 0; r < B; ++r) {
+    for (int64_t r = 0; r < k_coded; ++r) {
         for (int64_t x = 0; x < n; ++x) {
-            const int64_t h = (x % sh.n_head) / sh.n_gqa;
-            y[r * n + x] = r < k_coded ? dot(k_rows + r * Ck + h * sh.Dk, q + x * sh.Dk, sh.Dk) : 0.0f;
+            y[r * n + x] = dot(k_rows + r * Ck + sh.kv_head(x) * sh.Dk, q + x * sh.Dk, sh.Dk);
         }
     }
+    std::fill(y + k_coded * n, y + B * n, 0.0f);
     haar_inverse(y, tmp, (int32_t) B, (int32_t) sh.L, (int32_t) n);  // scores, unscaled
     float s[1 << kMaxLevels];
     for (int64_t x = 0; x < n; ++x) {
+        const float * mask_t = mask + (x / sh.n_head) * B;
         for (int64_t j = 0; j < B; ++j) {
-            s[j] = y[j * n + x] * sh.kq_scale + mask[(x / sh.n_head) * B + j];
+            s[j] = y[j * n + x] * sh.kq_scale + mask_t[j];
         }
-        attended[x] = join_softmax(state(part, sh, x / sh.n_head, x % sh.n_head), s, B);
+        attended[x] = join_softmax(state(part, sh, x), s, B);
         for (int64_t j = 0; j < B; ++j) {
             y[j * n + x] = attended[x] ? s[j] : 0.0f;
         }
@@ -199,8 +203,7 @@ KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int
     GGML_ASSERT(vc.coefficients(v_bytes, v_size, v_rows, v_coded) == KVGGML_OK && "kvggml: a compressed block failed to decode");
     for (int64_t x = 0; x < n; ++x) {
         if (attended[x]) {
-            const int64_t h = (x % sh.n_head) / sh.n_gqa;
-            weighted_rows(y + x, n, v_rows + h * sh.Dv, Cv, v_coded, state(part, sh, x / sh.n_head, x % sh.n_head).acc, sh.Dv);
+            weighted_rows(y + x, n, v_rows + sh.kv_head(x) * sh.Dv, Cv, v_coded, state(part, sh, x).acc, sh.Dv);
         }
     }
 }
@@ -210,17 +213,15 @@ KVGGML_SIMD_CLONES void attend_cells(const Shape & sh, int64_t n, const float * 
                                      const float * q, float * part) {
     const int64_t Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv;
     float s[1 << kMaxLevels];  // n <= B
-    for (int64_t t = 0; t < sh.n_q; ++t) {
-        for (int64_t i = 0; i < sh.n_head; ++i) {
-            const int64_t h = i / sh.n_gqa;
-            const float * qi = q + (t * sh.n_head + i) * sh.Dk;
-            for (int64_t j = 0; j < n; ++j) {
-                s[j] = dot(k + j * Ck + h * sh.Dk, qi, sh.Dk) * sh.kq_scale + mask[t * sh.B + j];
-            }
-            const Running st = state(part, sh, t, i);
-            if (join_softmax(st, s, n)) {
-                weighted_rows(s, 1, v + h * sh.Dv, Cv, n, st.acc, sh.Dv);
-            }
+    for (int64_t x = 0; x < sh.n_q * sh.n_head; ++x) {
+        const int64_t h = sh.kv_head(x);
+        const float * mask_t = mask + (x / sh.n_head) * sh.B;
+        for (int64_t j = 0; j < n; ++j) {
+            s[j] = dot(k + j * Ck + h * sh.Dk, q + x * sh.Dk, sh.Dk) * sh.kq_scale + mask_t[j];
+        }
+        const Running st = state(part, sh, x);
+        if (join_softmax(st, s, n)) {
+            weighted_rows(s, 1, v + h * sh.Dv, Cv, n, st.acc, sh.Dv);
         }
     }
 }
@@ -256,6 +257,12 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
     sh.B = cfg.block_tokens();
     sh.L = cfg.level;
     sh.kq_scale = view.kq_scale;
+    thread_local std::vector<int32_t> kv_heads;
+    kv_heads.resize((size_t) sh.n_q * sh.n_head);
+    for (int64_t x = 0; x < sh.n_q * sh.n_head; ++x) {
+        kv_heads[x] = (int32_t) ((x % sh.n_head) / sh.n_gqa);
+    }
+    sh.kv_heads = kv_heads.data();
     const int64_t Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, B = sh.B;
     const int64_t n_blocks = (int64_t) blks.size(), n_exact = k->ne[2];
     const int64_t n_items = n_blocks + (n_exact + B - 1) / B, n_parts = dst->ne[3];
@@ -281,13 +288,11 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
 
     for (int64_t p = ith; p < n_parts; p += nth) {
         float * part = (float *) dst->data + p * sh.n_q * sh.n_head * (sh.Dv + 2);
-        for (int64_t t = 0; t < sh.n_q; ++t) {
-            for (int64_t i = 0; i < sh.n_head; ++i) {
-                const Running st = state(part, sh, t, i);
-                std::fill(st.acc, st.acc + sh.Dv, 0.0f);
-                st.m() = -INFINITY;
-                st.l() = 0;
-            }
+        for (int64_t x = 0; x < sh.n_q * sh.n_head; ++x) {
+            const Running st = state(part, sh, x);
+            std::fill(st.acc, st.acc + sh.Dv, 0.0f);
+            st.m() = -INFINITY;
+            st.l() = 0;
         }
         for (int64_t it = p * n_items / n_parts; it < (p + 1) * n_items / n_parts; ++it) {
             const bool block = it < n_blocks;
