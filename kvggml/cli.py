@@ -331,6 +331,13 @@ def non_negative(value: str) -> int:
     return number
 
 
+def flash_attn_values(value: str) -> list[int]:
+    """An argparse type: llama-bench -fa values, a comma-separated list of 1 (on) and 0 (off)."""
+    if any(item not in ("0", "1") for item in value.split(",")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of 1 (on) and 0 (off)")
+    return [int(item) for item in value.split(",")]
+
+
 def numbers(kind: type) -> Callable[[str], list]:
     """An argparse type: a comma-separated list of positive numbers of the kind."""
 
@@ -461,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         "whose allocation does not depend on it and which read a long prompt slowly; --quick: none)",
     )
     sizes.add_argument("--depths", type=numbers(int), metavar="LIST", help="speed: llama-bench depths (2048,8192)")
+    sizes.add_argument(
+        "--flash-attn",
+        type=flash_attn_values,
+        metavar="LIST",
+        help="speed: llama-bench -fa, 1 on and 0 off (1,0: stock's fastest decode depends on the CPU; --quick: 1)",
+    )
     sizes.add_argument("--reps", type=positive, help="speed: llama-bench repetitions (3)")
     sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (8192)")
     sizes.add_argument("--chunks", type=positive, help="quality: llama-perplexity chunks (2)")

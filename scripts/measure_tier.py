@@ -4,7 +4,7 @@
 
     measure_tier.py memory   [--ctx 16384]           KV bytes (library accounting) and peak RSS
     measure_tier.py quality  [--ctx 4096 --chunks 4] llama-perplexity --kl-divergence vs stock f16 logits
-    measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth
+    measure_tier.py speed    [--depths 2048,8192]    llama-bench prefill / decode at depth, flash attention on and off
     measure_tier.py recall   [--ctx 7600]            a planted fact at several depths and seeds, asked at the end
     measure_tier.py frontier [--ctx 8192]            KV bytes against KLD, from the memory and quality cells
                                                      of the same --out: a table and tier-frontier.png
@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=4, help="llama-perplexity chunks")
     parser.add_argument("--depths", default="2048,8192", help="llama-bench depths")
     parser.add_argument("--reps", type=int, default=1, help="llama-bench repetitions")
+    parser.add_argument("--flash-attn", default="1,0", help="llama-bench -fa values: 1 on, 0 off")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="variants (stock f16 is always added)")
     parser.add_argument("--no-fill", nargs="*", default=[], help="memory: variants measured without the prompt")
@@ -74,6 +75,7 @@ def main() -> int:
     sizes = dict(
         FULL,
         depths=[int(d) for d in args.depths.split(",")],
+        flash_attn=[int(v) for v in args.flash_attn.split(",")],
         reps=args.reps,
         chunks=args.chunks,
         recall_depths=[float(d) for d in args.recall_depths.split(",")],

@@ -62,9 +62,9 @@ def run_probe(variant: Variant, *args: object) -> object:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_tool(variant: Variant, name: str, *args: object) -> subprocess.CompletedProcess:
+def run_tool(variant: Variant, name: str, *args: object, flash_attn: bool = True) -> subprocess.CompletedProcess:
     """A llama.cpp program of the variant's build, its output captured."""
-    cmd = [str(variant.tool(name)), *map(str, args), *variant.cache_flags()]
+    cmd = [str(variant.tool(name)), *map(str, args), *variant.cache_flags(flash_attn)]
     res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True)
     check(res, variant, cmd)
     return res
@@ -100,6 +100,7 @@ def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> 
         "llama-bench",
         *("-m", inputs.model, "-p", params["n_prompt"], "-n", params["n_gen"], "-d", params["depth"]),
         *("-r", params["reps"], "-t", inputs.threads, "-o", "json"),
+        flash_attn=bool(params["flash_attn"]),
     )
     result = {}
     for test in json.loads(res.stdout):

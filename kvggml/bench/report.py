@@ -71,21 +71,31 @@ def memory_table(records: list[dict]) -> str:
     return table(["cache", "n_ctx", "KV MiB", "vs stock f16", "f16 part MiB", "peak RSS MiB"], rows)
 
 
+def fastest_stock(records: list[dict], depth: int) -> dict | None:
+    """The stock speed cell with the fastest decode at this depth: any cache type, flash attention on or off."""
+    stock = [r for r in of(records, "speed") if r["params"]["depth"] == depth and r["variant"].startswith("stock")]
+    return max(stock, key=lambda r: r["result"]["decode"]["mean"], default=None)
+
+
 def speed_table(records: list[dict]) -> str:
+    """Each cell against the fastest stock configuration at its depth (named in the last column)."""
     rows = []
-    for r in sorted(of(records, "speed"), key=lambda r: r["params"]["depth"]):
-        result, base = r["result"], reference(records, r, "depth", "n_prompt", "n_gen")
+    cells = sorted(of(records, "speed"), key=lambda r: (r["params"]["depth"], -r["params"].get("flash_attn", 1)))
+    for r in cells:
+        result, best = r["result"], fastest_stock(records, r["params"]["depth"])
         rows.append(
             [
                 r["variant"],
+                "on" if r["params"].get("flash_attn", 1) else "off",
                 str(r["params"]["depth"]),
                 rate(result["prefill"]),
-                ratio(result["prefill"]["mean"], base and base["prefill"]["mean"]),
                 rate(result["decode"]),
-                ratio(result["decode"]["mean"], base and base["decode"]["mean"]),
+                ratio(result["decode"]["mean"], best and best["result"]["decode"]["mean"]),
+                best and f"{best['variant']}, flash attention {'on' if best['params'].get('flash_attn', 1) else 'off'}",
             ]
         )
-    return table(["cache", "depth", "prefill tok/s", "vs stock f16", "decode tok/s", "vs stock f16"], rows)
+    header = ["cache", "flash attention", "depth", "prefill tok/s", "decode tok/s", "decode vs fastest stock"]
+    return table([*header, "fastest stock"], rows)
 
 
 def quality_table(records: list[dict]) -> str:
@@ -232,13 +242,15 @@ def plot_frontier(plt, rows: list[dict], n_ctx: int, title: str, path: Path) -> 
 
 def plot_decode(plt, records: list[dict], title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    variants = dict.fromkeys(r["variant"] for r in of(records, "speed"))
-    for variant in variants:
-        cells = sorted((r for r in of(records, "speed") if r["variant"] == variant), key=lambda r: r["params"]["depth"])
+    series = dict.fromkeys((r["variant"], r["params"].get("flash_attn", 1)) for r in of(records, "speed"))
+    for variant, fa in series:
+        cells = [r for r in of(records, "speed") if (r["variant"], r["params"].get("flash_attn", 1)) == (variant, fa)]
+        cells.sort(key=lambda r: r["params"]["depth"])
         decode = [r["result"]["decode"] for r in cells]
         depths = [r["params"]["depth"] for r in cells]
         ax.errorbar(depths, [d["mean"] for d in decode], yerr=[d["sd"] for d in decode], marker="o", capsize=3)
-        ax.annotate(variant, (depths[-1], decode[-1]["mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
+        label = f"{variant}, FA {'on' if fa else 'off'}"
+        ax.annotate(label, (depths[-1], decode[-1]["mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
     save(plt, fig, "depth (tokens already in the context)", "decode tokens/s (mean ± deviation)", title, path)
 
 

@@ -26,6 +26,7 @@ from kvggml.library import library_dir
 FULL = dict(
     memory_ctx=[4096, 16384],
     depths=[2048, 8192],
+    flash_attn=[1, 0],
     reps=3,
     quality_ctx=8192,  # where a budget of a quarter of f16 holds (at 4096 the exact window alone is 0.26)
     chunks=2,
@@ -36,6 +37,7 @@ FULL = dict(
 QUICK = dict(
     memory_ctx=[1024, 2048],
     depths=[512],
+    flash_attn=[1],
     reps=2,
     quality_ctx=1024,
     chunks=2,
@@ -61,6 +63,7 @@ class Settings:
     measurements: list[str]
     memory_ctx: list[int]
     depths: list[int]
+    flash_attn: list[int]  # llama-bench -fa: 1 on, 0 off (stock's fastest decode depends on the CPU)
     reps: int
     quality_ctx: int
     chunks: int
@@ -137,8 +140,16 @@ def plan(settings: Settings) -> list[Cell]:
     params = {
         "memory": [{"n_ctx": n} for n in settings.memory_ctx],
         "speed": [
-            {"depth": d, "reps": settings.reps, "n_prompt": N_PROMPT, "n_gen": N_GEN, "threads": settings.threads}
+            {
+                "depth": d,
+                "flash_attn": fa,
+                "reps": settings.reps,
+                "n_prompt": N_PROMPT,
+                "n_gen": N_GEN,
+                "threads": settings.threads,
+            }
             for d in settings.depths
+            for fa in settings.flash_attn
         ],
         "quality": [{"n_ctx": settings.quality_ctx, "chunks": settings.chunks}],
         "recall": [{"n_ctx": settings.recall_ctx, "depths": settings.recall_depths, "seeds": settings.seeds}],
@@ -147,6 +158,8 @@ def plan(settings: Settings) -> list[Cell]:
     for measurement in settings.measurements:
         for p in params[measurement]:
             for v in variants:
+                if measurement == "speed" and not p["flash_attn"] and Variant.parse(v).cache_type != "f16":
+                    continue  # llama.cpp quantizes V only under flash attention
                 fill = {"fill": v not in settings.no_fill} if measurement == "memory" else {}
                 cells.append(Cell(measurement, v, {**p, **fill}))
     return cells

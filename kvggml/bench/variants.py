@@ -78,9 +78,10 @@ class Variant:
         """A llama.cpp program of the variant's build."""
         return library_dir(self.library) / name
 
-    def cache_flags(self) -> list[str]:
-        # Quantized V needs flash attention; it is on everywhere so every variant runs the same kernel.
-        return ["-ctk", self.cache_type, "-ctv", self.cache_type, "-fa", "on"]
+    def cache_flags(self, flash_attn: bool = True) -> list[str]:
+        # Quantized V needs flash attention; it is on unless a speed cell asks otherwise, so every
+        # variant runs the same kernel.
+        return ["-ctk", self.cache_type, "-ctv", self.cache_type, "-fa", "on" if flash_attn else "off"]
 
     @property
     def ggml_type(self) -> int:
