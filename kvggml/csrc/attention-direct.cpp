@@ -324,12 +324,14 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
                     if (!v_trans) {
                         f16_to_f32((const uint16_t *) ((const char *) v->data + (first + j) * v->nb[2] + h * v->nb[1]),
                                    v_rows.data() + j * Cv + h * sh.Dv, sh.Dv);
-                        continue;
                     }
-                    for (int64_t d = 0; d < sh.Dv; ++d) {  // [cell][head][dim] strides of a transposed V
-                        v_rows[j * Cv + h * sh.Dv + d] = fp16_to_fp32(
-                            *(const uint16_t *) ((const char *) v->data + (first + j) * v->nb[0] + h * v->nb[1] + d * v->nb[2]));
-                    }
+                }
+            }
+            for (int64_t c = 0; v_trans && c < Cv; ++c) {  // a transposed V holds each channel's cells in a row
+                const auto * cells = (const uint16_t *) ((const char *) v->data + first * v->nb[0] +
+                                                         (c / sh.Dv) * v->nb[1] + (c % sh.Dv) * v->nb[2]);
+                for (int64_t j = 0; j < n; ++j) {
+                    v_rows[j * Cv + c] = fp16_to_fp32(cells[j]);
                 }
             }
             attend_cells(sh, n, k_rows.data(), v_rows.data(), masks.data(), queries.data(), part);
