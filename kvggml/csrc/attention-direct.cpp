@@ -171,13 +171,14 @@ KVGGML_SIMD_CLONES void f16_to_f32(const uint16_t * in, float * out, int64_t n) 
     }
 }
 
-// One compressed block for every query: its K coefficient rows, V's bytes, the mask's B columns of
-// each query (mask[t * B + j]), the queries q[(t * n_head + i) * Dk], the states in `part`.
+// One compressed block for every query: its K coefficient rows, V's bytes (and how many bytes after
+// them may be read), the mask's B columns of each query (mask[t * B + j]), the queries
+// q[(t * n_head + i) * Dk], the states in `part`.
 // y and tmp are scratch of B * n_q * n_head; attended of n_q * n_head. Column t * n_head + i of
 // y holds query t, head i's values for the block's B rows, so each transform runs once for all.
 KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int32_t k_coded, BlockCodec & vc,
-                                     const uint8_t * v_bytes, size_t v_size, const float * mask, const float * q,
-                                     float * part, float * y, float * tmp, uint8_t * attended) {
+                                     const uint8_t * v_bytes, size_t v_size, size_t v_readable_after, const float * mask,
+                                     const float * q, float * part, float * y, float * tmp, uint8_t * attended) {
     const int64_t B = sh.B, Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, n = sh.n_q * sh.n_head;
     for (int64_t r = 0; r < k_coded; ++r) {
         for (int64_t x = 0; x < n; ++x) {
@@ -200,7 +201,8 @@ KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int
     haar_forward(y, tmp, (int32_t) B, (int32_t) sh.L, (int32_t) n);  // the weights of the V coefficient rows
     const float * v_rows;
     int32_t v_coded;
-    GGML_ASSERT(vc.coefficients(v_bytes, v_size, v_rows, v_coded) == KVGGML_OK && "kvggml: a compressed block failed to decode");
+    GGML_ASSERT(vc.coefficients(v_bytes, v_size, v_readable_after, v_rows, v_coded) == KVGGML_OK &&
+                "kvggml: a compressed block failed to decode");
     for (int64_t x = 0; x < n; ++x) {
         if (attended[x]) {
             weighted_rows(y + x, n, v_rows + sh.kv_head(x) * sh.Dv, Cv, v_coded, state(part, sh, x).acc, sh.Dv);
@@ -311,10 +313,12 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
             if (block) {
                 const float * rows;
                 int32_t coded;
-                GGML_ASSERT(kc.coefficients(ks.bytes.data() + ks.offsets[it], ks.offsets[it + 1] - ks.offsets[it], rows,
-                                            coded) == KVGGML_OK && "kvggml: a compressed block failed to decode");
+                GGML_ASSERT(kc.coefficients(ks.bytes.data() + ks.offsets[it], ks.offsets[it + 1] - ks.offsets[it],
+                                            ks.bytes.size() - ks.offsets[it + 1], rows, coded) == KVGGML_OK &&
+                            "kvggml: a compressed block failed to decode");
                 attend_block(sh, rows, coded, vc, vs.bytes.data() + vs.offsets[it], vs.offsets[it + 1] - vs.offsets[it],
-                             masks.data(), queries.data(), part, y.data(), tmp.data(), attended.data());
+                             vs.bytes.size() - vs.offsets[it + 1], masks.data(), queries.data(), part, y.data(),
+                             tmp.data(), attended.data());
                 continue;
             }
             for (int64_t j = 0; j < n; ++j) {

@@ -526,9 +526,10 @@ int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out
     return KVGGML_OK;
 }
 
-int32_t BlockCodec::coefficients(const uint8_t * data, size_t size, const float *& rows, int32_t & rows_coded) {
+int32_t BlockCodec::coefficients(const uint8_t * data, size_t size, size_t readable_after, const float *& rows,
+                                 int32_t & rows_coded) {
     BlockHeader h;
-    const int32_t rc = decode_coefficients(data, size, h);
+    const int32_t rc = decode_coefficients(data, size, h, readable_after);
     rows_coded = 0;
     for (int32_t k = 0; k <= h.levels && rc == KVGGML_OK; ++k) {
         if (h.bits[k]) {
@@ -550,7 +551,7 @@ int32_t BlockCodec::decode_to_work(const uint8_t * data, size_t size) {
 }
 
 // Every length is checked (section 7) before the bytes it covers are read.
-int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, BlockHeader & h) {
+int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, BlockHeader & h, size_t readable_after) {
     if (const int32_t rc = parse_header(data, size, h); rc != KVGGML_OK) {
         return rc;
     }
@@ -614,10 +615,15 @@ int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, Block
         return KVGGML_ERROR_PADDING;
     }
 
-    // The values, copied where an 8-byte load at any value's first byte stays in bounds.
-    values.resize(value_bytes + 8);
-    std::memcpy(values.data(), data + pos, value_bytes);
-    std::memset(values.data() + value_bytes, 0, 8);
+    // An 8-byte load at any value's first byte must stay in bounds: read the values where they are
+    // when 8 bytes after the block may be read (the bits past a value are masked off), else copied.
+    const uint8_t * value_bytes_at = data + pos;
+    if (readable_after < 8) {
+        values.resize(value_bytes + 8);
+        std::memcpy(values.data(), data + pos, value_bytes);
+        std::memset(values.data() + value_bytes, 0, 8);
+        value_bytes_at = values.data();
+    }
     size_t i = 0, s = 0, bitpos = 0;
     uint32_t never_produced = 0;
     for (int32_t k = 0; k <= L; ++k) {
@@ -639,7 +645,7 @@ int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, Block
                     continue;
                 }
                 const float d = fp16_to_fp32(read_u16(scale_bytes + 2 * s++));
-                never_produced |= unpack(values.data(), bitpos, b, G, d, work.data() + (size_t) r * C + g * G);
+                never_produced |= unpack(value_bytes_at, bitpos, b, G, d, work.data() + (size_t) r * C + g * G);
                 bitpos += (size_t) G * b;
             }
         }

@@ -61,8 +61,10 @@ public:
 
     // The block's dequantized coefficients (section 4, before the inverse transforms): B rows
     // of C values, valid until this codec's next call. rows_coded is how many leading rows can
-    // be nonzero (the rows after it are all in dropped subbands). KVGGML_OK or an error code.
-    int32_t coefficients(const uint8_t * data, size_t size, const float *& rows, int32_t & rows_coded);
+    // be nonzero (the rows after it are all in dropped subbands). readable_after: bytes after the
+    // block that may be read (8 or more spares a copy of its values). KVGGML_OK or an error code.
+    int32_t coefficients(const uint8_t * data, size_t size, size_t readable_after, const float *& rows,
+                         int32_t & rows_coded);
 
     // Section 10: the block re-encoded with narrower subbands bits[0..L] (each 0 or 2..16, at
     // most the block's width), from its stored coefficients, into out (at most `size` bytes).
@@ -83,7 +85,7 @@ private:
     // Decoded block left in `work`.
     int32_t decode_to_work(const uint8_t * data, size_t size);
     // The checked block's dequantized coefficients left in `work`, scales in group_scale.
-    int32_t decode_coefficients(const uint8_t * data, size_t size, BlockHeader & header);
+    int32_t decode_coefficients(const uint8_t * data, size_t size, BlockHeader & header, size_t readable_after = 0);
     // Quantize one group of G coefficients with scale h and width b into qg; h joins `scales`.
     void quantize_group(const float * y, uint16_t h, int b, int32_t * qg);
     // Section 6: the block's bytes from present[], scales and q with widths bits[0..L].
