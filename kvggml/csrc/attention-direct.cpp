@@ -288,6 +288,27 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
     tmp.resize(y.size());
     attended.resize((size_t) sh.n_q * sh.n_head);
 
+    // The items some query sees, split evenly into the parts: removed tokens and other sequences'
+    // blocks change neither the parts nor the order of the sums, so a sequence computes the same
+    // bits whatever else the cache holds (every thread finds the same list).
+    thread_local std::vector<int64_t> seen;
+    seen.clear();
+    for (int64_t it = 0; it < n_items; ++it) {
+        const bool block = it < n_blocks;
+        const int64_t first = block ? it * B : (it - n_blocks) * B;  // column in its mask
+        const int64_t n = block ? B : std::min(B, n_exact - first);
+        bool visible = false;
+        for (int64_t t = 0; t < sh.n_q && !visible; ++t) {
+            for (int64_t j = 0; j < n && !visible; ++j) {
+                visible = mask_at(block ? comp : mask, first + j, t) != -INFINITY;
+            }
+        }
+        if (visible) {
+            seen.push_back(it);
+        }
+    }
+    const int64_t n_seen = (int64_t) seen.size();
+
     for (int64_t p = ith; p < n_parts; p += nth) {
         float * part = (float *) dst->data + p * sh.n_q * sh.n_head * (sh.Dv + 2);
         for (int64_t x = 0; x < sh.n_q * sh.n_head; ++x) {
@@ -296,19 +317,15 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
             st.m() = -INFINITY;
             st.l() = 0;
         }
-        for (int64_t it = p * n_items / n_parts; it < (p + 1) * n_items / n_parts; ++it) {
+        for (int64_t i = p * n_seen / n_parts; i < (p + 1) * n_seen / n_parts; ++i) {
+            const int64_t it = seen[i];
             const bool block = it < n_blocks;
-            const int64_t first = block ? it * B : (it - n_blocks) * B;  // column in its mask
+            const int64_t first = block ? it * B : (it - n_blocks) * B;
             const int64_t n = block ? B : std::min(B, n_exact - first);
-            bool seen = false;
             for (int64_t t = 0; t < sh.n_q; ++t) {
                 for (int64_t j = 0; j < B; ++j) {
                     masks[t * B + j] = j < n ? mask_at(block ? comp : mask, first + j, t) : -INFINITY;
-                    seen = seen || masks[t * B + j] != -INFINITY;
                 }
-            }
-            if (!seen) {
-                continue;  // removed tokens, or another sequence's
             }
             if (block) {
                 const float * rows;
