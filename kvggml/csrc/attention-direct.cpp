@@ -91,7 +91,8 @@ inline void weighted_rows(const float * w, int64_t w_stride, const float * rows,
 // a few ulp (Cephes' polynomial), without branches so the loop vectorizes where expf would not.
 inline void exp_nonpositive(float * x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
-        const float v = std::max(x[j], -87.0f);
+        float v = x[j] > -87.0f ? x[j] : -87.0f;  // NaN too: the conversion to int below must stay defined
+        v = v < 88.0f ? v : 88.0f;
         const float k = (v * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
         const float r = v - k * 0.693359375f + k * 2.12194440e-4f;
         float p = 1.9875691500e-4f;
@@ -104,7 +105,7 @@ inline void exp_nonpositive(float * x, int64_t n) {
         int32_t bits = ((int32_t) k + 127) << 23;
         float scale;
         std::memcpy(&scale, &bits, 4);
-        x[j] = x[j] < -87.0f ? 0.0f : e * scale;
+        x[j] = x[j] != x[j] ? x[j] : x[j] < -87.0f ? 0.0f : e * scale;  // a NaN score stays NaN
     }
 }
 
