@@ -292,16 +292,16 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
     // The items some query sees, split evenly into the parts: removed tokens and other sequences'
     // blocks change neither the parts nor the order of the sums, so a sequence computes the same
     // bits whatever else the cache holds (every thread finds the same list).
+    // Item it: block it, or chunk it - n_blocks of B exact cells; its columns in its mask.
+    const auto first_column = [&](int64_t it) { return it < n_blocks ? it * B : (it - n_blocks) * B; };
+    const auto columns = [&](int64_t it) { return it < n_blocks ? B : std::min(B, n_exact - first_column(it)); };
     thread_local std::vector<int64_t> seen;
     seen.clear();
     for (int64_t it = 0; it < n_items; ++it) {
-        const bool block = it < n_blocks;
-        const int64_t first = block ? it * B : (it - n_blocks) * B;  // column in its mask
-        const int64_t n = block ? B : std::min(B, n_exact - first);
         bool visible = false;
         for (int64_t t = 0; t < sh.n_q && !visible; ++t) {
-            for (int64_t j = 0; j < n && !visible; ++j) {
-                visible = mask_at(block ? comp : mask, first + j, t) != -INFINITY;
+            for (int64_t j = 0; j < columns(it) && !visible; ++j) {
+                visible = mask_at(it < n_blocks ? comp : mask, first_column(it) + j, t) != -INFINITY;
             }
         }
         if (visible) {
@@ -321,8 +321,7 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
         for (int64_t i = p * n_seen / n_parts; i < (p + 1) * n_seen / n_parts; ++i) {
             const int64_t it = seen[i];
             const bool block = it < n_blocks;
-            const int64_t first = block ? it * B : (it - n_blocks) * B;
-            const int64_t n = block ? B : std::min(B, n_exact - first);
+            const int64_t first = first_column(it), n = columns(it);
             for (int64_t t = 0; t < sh.n_q; ++t) {
                 for (int64_t j = 0; j < B; ++j) {
                     masks[t * B + j] = j < n ? mask_at(block ? comp : mask, first + j, t) : -INFINITY;
