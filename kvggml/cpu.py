@@ -14,6 +14,8 @@ FLAGS_OF_INTEREST = (
     "f16c",
     "fma",
     "avx512f",
+    "avx512bw",
+    "avx512vbmi",
     "avx512_vnni",
     "avx512_bf16",
     "amx_tile",

@@ -191,8 +191,12 @@ def pack_block(levels: int, group: int, bits, scales: np.ndarray, q: np.ndarray)
     return header + bitmap + scales.astype("<u2").tobytes() + values
 
 
-# the portable code alone, and the x86 build (AVX2/F16C kernels where this CPU has them)
-@pytest.fixture(scope="session", params=[["-DKVGGML_CODEC_PORTABLE"], []], ids=["portable", "x86"])
+# the portable code alone, AVX2/F16C without AVX-512, and the x86 build (each kernel where this CPU has it)
+@pytest.fixture(
+    scope="session",
+    params=[["-DKVGGML_CODEC_PORTABLE"], ["-DKVGGML_CODEC_NO_AVX512"], []],
+    ids=["portable", "avx2", "x86"],
+)
 def standalone_path(request, tmp_path_factory) -> str:
     """libkvggml_codec.so compiled from codec.cpp alone, as libllama compiles it."""
     if shutil.which("g++") is None:

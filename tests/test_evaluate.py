@@ -120,6 +120,8 @@ def test_info_names_the_cpu_features_of_the_build_and_the_codec(lib):
         assert "-mno-amx-int8" in cpu["build_c_flags"]
     if lib == "stock":
         assert cpu["codec_kernels"] is None
+    elif {"avx512bw", "avx512vbmi", "f16c"} <= set(cpu["host"]["flags"]):
+        assert cpu["codec_kernels"] == "avx512vbmi avx2 f16c"
     elif {"avx2", "f16c"} <= set(cpu["host"]["flags"]):
         assert cpu["codec_kernels"] == "avx2 f16c"
     else:

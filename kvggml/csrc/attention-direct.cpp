@@ -36,21 +36,65 @@ namespace {
 // Eight lanes of partial sums in a vector, added pairwise at the end, so the whole dot product
 // vectorizes (a single running sum could not be reordered).
 typedef float Lanes __attribute__((vector_size(32)));
+constexpr int kLanes = sizeof(Lanes) / sizeof(float);
+
+// The sum of v's lanes, pairwise.
+inline float lanes_total(Lanes v) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
 
 inline float dot(const float * a, const float * b, int64_t n) {
     Lanes sum = {};
     int64_t c = 0;
-    for (; c + 8 <= n; c += 8) {
+    for (; c + kLanes <= n; c += kLanes) {
         Lanes x, y;
         std::memcpy(&x, a + c, sizeof(x));
         std::memcpy(&y, b + c, sizeof(y));
         sum += x * y;
     }
-    float total = ((sum[0] + sum[4]) + (sum[2] + sum[6])) + ((sum[1] + sum[5]) + (sum[3] + sum[7]));
+    float total = lanes_total(sum);
     for (; c < n; ++c) {
         total += a[c] * b[c];
     }
     return total;
+}
+
+// Lane i of the result: the sum of a[i]'s lanes. A tree of shuffles and adds serves eight dot
+// products at once, where each would otherwise end in a horizontal sum of its own.
+inline Lanes lane_sums(const Lanes (&a)[kLanes]) {
+    const auto pairs = [](Lanes x, Lanes y) {  // [x0+x1, y0+y1, x2+x3, y2+y3, ...]
+        return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+    };
+    const auto quads = [](Lanes x, Lanes y) {
+        return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    };
+    const Lanes low = quads(pairs(a[0], a[1]), pairs(a[2], a[3])), high = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));
+    return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// out[r * out_stride] = the dot product of rows[r * row_stride ...] with q[0, D), for r < n.
+inline void row_dots(const float * rows, int64_t row_stride, int64_t n, const float * q, int64_t D, float * out,
+                     int64_t out_stride) {
+    int64_t r = 0;
+    for (; D % kLanes == 0 && r + kLanes <= n; r += kLanes) {
+        Lanes sums[kLanes] = {};
+        for (int64_t c = 0; c < D; c += kLanes) {
+            Lanes y;
+            std::memcpy(&y, q + c, sizeof(y));
+            for (int i = 0; i < kLanes; ++i) {
+                Lanes x;
+                std::memcpy(&x, rows + (r + i) * row_stride + c, sizeof(x));
+                sums[i] += x * y;
+            }
+        }
+        const Lanes dots = lane_sums(sums);
+        for (int i = 0; i < kLanes; ++i) {
+            out[(r + i) * out_stride] = dots[i];
+        }
+    }
+    for (; r < n; ++r) {
+        out[r * out_stride] = dot(rows + r * row_stride, q, D);
+    }
 }
 
 inline void axpy(float a, const float * x, float * y, int64_t n) {
@@ -63,28 +107,73 @@ inline void axpy(float a, const float * x, float * y, int64_t n) {
 // a time summed in registers, even and odd rows apart so that two chains of adds overlap.
 inline void weighted_rows(const float * w, int64_t w_stride, const float * rows, int64_t row_stride, int64_t n_rows,
                           float * acc, int64_t D) {
+    constexpr int kParts = 64 / kLanes;  // vectors in 64 channels
     int64_t c0 = 0;
     for (; c0 + 64 <= D; c0 += 64) {
-        float even[64] = {}, odd[64] = {};
+        Lanes even[kParts] = {}, odd[kParts] = {};
         int64_t r = 0;
         for (; r + 2 <= n_rows; r += 2) {
             const float w0 = w[r * w_stride], w1 = w[(r + 1) * w_stride];
             const float * row0 = rows + r * row_stride + c0, * row1 = row0 + row_stride;
-            for (int c = 0; c < 64; ++c) {
-                even[c] += w0 * row0[c];
-                odd[c] += w1 * row1[c];
+            for (int i = 0; i < kParts; ++i) {
+                Lanes x0, x1;
+                std::memcpy(&x0, row0 + i * kLanes, sizeof(x0));
+                std::memcpy(&x1, row1 + i * kLanes, sizeof(x1));
+                even[i] += w0 * x0;
+                odd[i] += w1 * x1;
             }
         }
-        if (r < n_rows) {
-            axpy(w[r * w_stride], rows + r * row_stride + c0, even, 64);
+        for (; r < n_rows; ++r) {
+            const float w0 = w[r * w_stride];
+            for (int i = 0; i < kParts; ++i) {
+                Lanes x0;
+                std::memcpy(&x0, rows + r * row_stride + c0 + i * kLanes, sizeof(x0));
+                even[i] += w0 * x0;
+            }
         }
-        for (int c = 0; c < 64; ++c) {
-            acc[c0 + c] += even[c] + odd[c];
+        for (int i = 0; i < kParts; ++i) {
+            Lanes a;
+            std::memcpy(&a, acc + c0 + i * kLanes, sizeof(a));
+            a += even[i] + odd[i];
+            std::memcpy(acc + c0 + i * kLanes, &a, sizeof(a));
         }
     }
     for (int64_t r = 0; r < n_rows; ++r) {
         axpy(w[r * w_stride], rows + r * row_stride + c0, acc + c0, D - c0);
     }
+}
+
+// The largest of x[0, n) and their sum, eight lanes at a time (a single running max or sum would
+// be one chain of dependent operations).
+inline float max_of(const float * x, int64_t n) {
+    Lanes top = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+        Lanes v;
+        std::memcpy(&v, x + j, sizeof(v));
+        top = v > top ? v : top;
+    }
+    float m = std::max(std::max(std::max(top[0], top[4]), std::max(top[2], top[6])),
+                       std::max(std::max(top[1], top[5]), std::max(top[3], top[7])));
+    for (; j < n; ++j) {
+        m = std::max(m, x[j]);
+    }
+    return m;
+}
+
+inline float sum_of(const float * x, int64_t n) {
+    Lanes sum = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+        Lanes v;
+        std::memcpy(&v, x + j, sizeof(v));
+        sum += v;
+    }
+    float total = lanes_total(sum);
+    for (; j < n; ++j) {
+        total += x[j];
+    }
+    return total;
 }
 
 // e^x for scores less their maximum (x <= 0, or -inf for a hidden token, which gives 0), within
@@ -134,10 +223,7 @@ inline Running state(float * part, const Shape & sh, int64_t x) {
 // Scores s[0..n) join the running softmax: s becomes their weights e^(s - m). False (s untouched)
 // when every score is -inf: nothing of these tokens is visible.
 inline bool join_softmax(const Running & st, float * s, int64_t n) {
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-        top = std::max(top, s[j]);
-    }
+    const float top = max_of(s, n);
     if (top == -INFINITY) {
         return false;
     }
@@ -153,23 +239,13 @@ inline bool join_softmax(const Running & st, float * s, int64_t n) {
         s[j] -= st.m();
     }
     exp_nonpositive(s, n);
-    float sum = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        sum += s[j];
-    }
-    st.l() += sum;
+    st.l() += sum_of(s, n);
     return true;
 }
 
 float mask_at(const ggml_tensor * mask, int64_t col, int64_t row) {
     const char * p = (const char *) mask->data + col * mask->nb[0] + row * mask->nb[1];
     return mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(*(const ggml_fp16_t *) p) : *(const float *) p;
-}
-
-KVGGML_SIMD_CLONES void f16_to_f32(const uint16_t * in, float * out, int64_t n) {
-    for (int64_t c = 0; c < n; ++c) {
-        out[c] = fp16_to_fp32(in[c]);
-    }
 }
 
 // One compressed block for every query: its K coefficient rows, V's bytes (and how many bytes after
@@ -181,10 +257,8 @@ KVGGML_SIMD_CLONES void attend_block(const Shape & sh, const float * k_rows, int
                                      const uint8_t * v_bytes, size_t v_size, size_t v_readable_after, const float * mask,
                                      const float * q, float * part, float * y, float * tmp, uint8_t * attended) {
     const int64_t B = sh.B, Ck = sh.Dk * sh.n_head_kv, Cv = sh.Dv * sh.n_head_kv, n = sh.n_q * sh.n_head;
-    for (int64_t r = 0; r < k_coded; ++r) {
-        for (int64_t x = 0; x < n; ++x) {
-            y[r * n + x] = dot(k_rows + r * Ck + sh.kv_head(x) * sh.Dk, q + x * sh.Dk, sh.Dk);
-        }
+    for (int64_t x = 0; x < n; ++x) {
+        row_dots(k_rows + sh.kv_head(x) * sh.Dk, Ck, k_coded, q + x * sh.Dk, sh.Dk, y + x, n);
     }
     std::fill(y + k_coded * n, y + B * n, 0.0f);
     haar_inverse(y, tmp, (int32_t) B, (int32_t) sh.L, (int32_t) n);  // scores, unscaled
@@ -219,8 +293,9 @@ KVGGML_SIMD_CLONES void attend_cells(const Shape & sh, int64_t n, const float * 
     for (int64_t x = 0; x < sh.n_q * sh.n_head; ++x) {
         const int64_t h = sh.kv_head(x);
         const float * mask_t = mask + (x / sh.n_head) * sh.B;
+        row_dots(k + h * sh.Dk, Ck, n, q + x * sh.Dk, sh.Dk, s, 1);
         for (int64_t j = 0; j < n; ++j) {
-            s[j] = dot(k + j * Ck + h * sh.Dk, q + x * sh.Dk, sh.Dk) * sh.kq_scale + mask_t[j];
+            s[j] = s[j] * sh.kq_scale + mask_t[j];
         }
         const Running st = state(part, sh, x);
         if (join_softmax(st, s, n)) {
@@ -341,9 +416,9 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
             for (int64_t j = 0; j < n; ++j) {
                 const char * kj = (const char *) k->data + (first + j) * k->nb[2];
                 for (int64_t h = 0; h < sh.n_head_kv; ++h) {
-                    f16_to_f32((const uint16_t *) (kj + h * k->nb[1]), k_rows.data() + j * Ck + h * sh.Dk, sh.Dk);
+                    f16_to_f32_row((const uint16_t *) (kj + h * k->nb[1]), k_rows.data() + j * Ck + h * sh.Dk, sh.Dk);
                     if (!v_trans) {
-                        f16_to_f32((const uint16_t *) ((const char *) v->data + (first + j) * v->nb[2] + h * v->nb[1]),
+                        f16_to_f32_row((const uint16_t *) ((const char *) v->data + (first + j) * v->nb[2] + h * v->nb[1]),
                                    v_rows.data() + j * Cv + h * sh.Dv, sh.Dv);
                     }
                 }

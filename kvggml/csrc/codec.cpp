@@ -4,15 +4,16 @@
 
 #include "codec.h"
 
-// x86-64 builds carry AVX2 and F16C kernels beside the portable code and pick them at run
-// time, so one library runs on any x86-64 CPU; both give the same bits. -DKVGGML_CODEC_PORTABLE
-// builds the portable code alone (the tests check each).
+// x86-64 builds carry AVX-512 VBMI, AVX2 and F16C kernels beside the portable code and pick them
+// at run time, so one library runs on any x86-64 CPU; all give the same bits. -DKVGGML_CODEC_PORTABLE
+// builds the portable code alone, -DKVGGML_CODEC_NO_AVX512 leaves out AVX-512 (the tests check each).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KVGGML_CODEC_PORTABLE)
 #include <immintrin.h>
 #define KVGGML_X86_KERNELS 1
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -33,12 +34,17 @@ constexpr float   kF16Max   = 65504.0f;
 
 #if KVGGML_X86_KERNELS
 struct CpuFeatures {
-    bool avx2, f16c;
+    bool avx2, f16c, vbmi;
 };
 
 CpuFeatures cpu_features() {
     __builtin_cpu_init();  // this runs among the library's static constructors, maybe before libgcc's
-    return {__builtin_cpu_supports("avx2") != 0, __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")};
+#ifdef KVGGML_CODEC_NO_AVX512
+    const bool vbmi = false;  // the AVX2 kernels alone, for tests on CPUs that have AVX-512
+#else
+    const bool vbmi = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi");
+#endif
+    return {__builtin_cpu_supports("avx2") != 0, __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"), vbmi};
 }
 
 const CpuFeatures kCpu = cpu_features();
@@ -123,6 +129,24 @@ struct BitWriter {
 
 bool bit(const uint8_t * bytes, size_t i) { return (bytes[i / 8] >> (i % 8)) & 1; }
 
+uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
+
+// The 1 bits among bits [from, to): whole bytes at a time where they lie in the range.
+size_t count_bits(const uint8_t * bytes, size_t from, size_t to) {
+    size_t n = 0, i = from;
+    for (; i < to && i % 8; ++i) {
+        n += bit(bytes, i);
+    }
+    for (; i + 8 <= to; i += 8) {
+        n += (size_t) __builtin_popcount(bytes[i / 8]);
+    }
+    for (; i < to; ++i) {
+        n += bit(bytes, i);
+    }
+    return n;
+}
+
+
 // Decodes n values of one group (section 4): b-bit two's complement from bit `bitpos` of src
 // (8 readable bytes past the last value), each times d, into y; each value is one 8-byte load
 // and a shift. Returns nonzero if a value is -2^(b-1), which the encoder never produces.
@@ -145,49 +169,130 @@ uint32_t unpack_group(const uint8_t * src, size_t bitpos, int b, int32_t n, floa
     return never_produced;
 }
 
-using UnpackGroup = uint32_t (*)(const uint8_t *, size_t, int, int32_t, float, float *);
+// Decodes n_groups consecutive present groups of G values (section 4): group i's values follow
+// group i - 1's in the bit stream, its scale is the f16 at scales + 2 * i, its output y + i * G.
+// One call serves a run of groups, so the SIMD kernels below set up their constants once.
+using UnpackGroups = uint32_t (*)(const uint8_t * src, size_t bitpos, int b, int32_t G, int32_t n_groups,
+                                  const uint8_t * scales, float * y);
+
+template <int kBits>
+uint32_t unpack_groups(const uint8_t * src, size_t bitpos, int b, int32_t G, int32_t n_groups, const uint8_t * scales,
+                       float * y) {
+    uint32_t never_produced = 0;
+    for (int32_t i = 0; i < n_groups; ++i) {
+        never_produced |= unpack_group<kBits>(src, bitpos + (size_t) i * G * b, b, G,
+                                              fp16_to_fp32(read_u16(scales + 2 * i)), y + (size_t) i * G);
+    }
+    return never_produced;
+}
 
 #if KVGGML_X86_KERNELS
-// unpack_group<kBits> eight lanes at a time: values 0-3 of an 8-byte word sit in its low 32
+// unpack_groups<kBits> eight lanes at a time: values 0-3 of an 8-byte word sit in its low 32
 // bits and values 4-7 in the 32 bits from bit 4b (4b + b <= 32 for b <= 8), so each lane
 // shifts one of the two by 0, b, 2b or 3b. The integers and products are the scalar ones.
 template <int kBits>
-__attribute__((target("avx2"))) uint32_t unpack_group_avx2(const uint8_t * src, size_t bitpos, int b, int32_t n,
-                                                           float d, float * y) {
-    if (bitpos % 8 != 0) {
-        return unpack_group<kBits>(src, bitpos, b, n, d, y);
+__attribute__((target("avx2"))) uint32_t unpack_groups_avx2(const uint8_t * src, size_t bitpos, int b, int32_t G,
+                                                            int32_t n_groups, const uint8_t * scales, float * y) {
+    if (bitpos % 8 != 0 || (size_t) G * kBits % 8 != 0) {
+        return unpack_groups<kBits>(src, bitpos, b, G, n_groups, scales, y);
     }
     const __m256i shifts   = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 0, kBits, 2 * kBits, 3 * kBits);
     const __m256i mask     = _mm256_set1_epi32((1 << kBits) - 1);
     const __m256i sign_bit = _mm256_set1_epi32(1 << (kBits - 1));
-    const __m256  scale    = _mm256_set1_ps(d);
     __m256i never_produced = _mm256_setzero_si256();
-    int32_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        uint64_t word;
-        std::memcpy(&word, src + bitpos / 8 + (size_t) j * kBits / 8, 8);
-        const int lo = (int) (uint32_t) word, hi = (int) (uint32_t) (word >> (4 * kBits));
-        const __m256i halves = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
-        const __m256i raw = _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
-        never_produced = _mm256_or_si256(never_produced, _mm256_cmpeq_epi32(raw, sign_bit));
-        const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(raw, 32 - kBits), 32 - kBits);
-        _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+    uint32_t tails = 0;
+    for (int32_t i = 0; i < n_groups; ++i, bitpos += (size_t) G * kBits, y += G) {
+        const float  d     = fp16_to_fp32(read_u16(scales + 2 * i));
+        const __m256 scale = _mm256_set1_ps(d);
+        int32_t j = 0;
+        for (; j + 8 <= G; j += 8) {
+            uint64_t word;
+            std::memcpy(&word, src + bitpos / 8 + (size_t) j * kBits / 8, 8);
+            const int lo = (int) (uint32_t) word, hi = (int) (uint32_t) (word >> (4 * kBits));
+            const __m256i halves = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+            const __m256i raw = _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
+            never_produced = _mm256_or_si256(never_produced, _mm256_cmpeq_epi32(raw, sign_bit));
+            const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(raw, 32 - kBits), 32 - kBits);
+            _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+        }
+        tails |= unpack_group<kBits>(src, bitpos + (size_t) j * kBits, b, G - j, d, y + j);
     }
-    const uint32_t tail = unpack_group<kBits>(src, bitpos + (size_t) j * kBits, b, n - j, d, y + j);
-    return tail | (uint32_t) !_mm256_testz_si256(never_produced, never_produced);
+    return tails | (uint32_t) !_mm256_testz_si256(never_produced, never_produced);
 }
+
+// Lane i's byte j: byte kBits * i + j of the 8 * kBits that hold 64 values (any byte for j >= kBits).
+template <int kBits> constexpr std::array<uint8_t, 64> kVbmiGather = [] {
+    std::array<uint8_t, 64> a{};
+    for (int i = 0; i < 64; ++i) {
+        a[i] = (uint8_t) ((i / 8) * kBits + (i % 8 < kBits ? i % 8 : 0));
+    }
+    return a;
+}();
+
+// Byte j of a lane: the first bit of the lane's value j, kBits * j.
+template <int kBits> constexpr uint64_t kVbmiOffsets = [] {
+    uint64_t offsets = 0;
+    for (int j = 0; j < 8; ++j) {
+        offsets |= (uint64_t) (j * kBits) << (8 * j);
+    }
+    return offsets;
+}();
+
+// y[0, 16) = the 16 signed bytes times scale.
+__attribute__((target("avx512f"))) inline void store_scaled(__m128i bytes, __m512 scale, float * y) {
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), scale));
+}
+
+// unpack_groups<kBits> 64 values at a time with AVX-512 VBMI: the kBits bytes that hold eight values
+// go to each 64-bit lane (vpermb), each value's bits to a byte of its lane (vpmultishiftqb), then
+// the bytes are sign-extended, widened and scaled. The integers and products are the scalar ones.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own intrinsics (GCC bug 105593)
+template <int kBits>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) uint32_t unpack_groups_vbmi(const uint8_t * src, size_t bitpos,
+                                                                                    int b, int32_t G, int32_t n_groups,
+                                                                                    const uint8_t * scales, float * y) {
+    if (bitpos % 8 != 0 || G % 64 != 0) {
+        return unpack_groups_avx2<kBits>(src, bitpos, b, G, n_groups, scales, y);
+    }
+    const __m512i   lanes    = _mm512_loadu_si512(kVbmiGather<kBits>.data());
+    const __m512i   shifts   = _mm512_set1_epi64((long long) kVbmiOffsets<kBits>);
+    const __m512i   mask     = _mm512_set1_epi8((char) ((1 << kBits) - 1));
+    const __m512i   sign_bit = _mm512_set1_epi8((char) (1 << (kBits - 1)));
+    const __mmask64 bytes    = kBits == 8 ? ~0ull : (1ull << (8 * kBits)) - 1;
+    __mmask64       never_produced = 0;
+    for (int32_t i = 0; i < n_groups; ++i, y += G) {
+        const __m512 scale = _mm512_set1_ps(fp16_to_fp32(read_u16(scales + 2 * i)));
+        for (int32_t j = 0; j < G; j += 64, bitpos += 64 * kBits) {
+            const __m512i packed = _mm512_maskz_loadu_epi8(bytes, src + bitpos / 8);
+            const __m512i raw =
+                _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(lanes, packed)), mask);
+            never_produced |= _mm512_cmpeq_epi8_mask(raw, sign_bit);
+            const __m512i v = _mm512_sub_epi8(_mm512_xor_si512(raw, sign_bit), sign_bit);  // kBits-bit two's complement
+            store_scaled(_mm512_castsi512_si128(v), scale, y + j);
+            store_scaled(_mm512_extracti32x4_epi32(v, 1), scale, y + j + 16);
+            store_scaled(_mm512_extracti32x4_epi32(v, 2), scale, y + j + 32);
+            store_scaled(_mm512_extracti32x4_epi32(v, 3), scale, y + j + 48);
+        }
+    }
+    return never_produced != 0;
+}
+#pragma GCC diagnostic pop
 #endif
 
-template <int kBits> UnpackGroup fastest_unpacker() {
+template <int kBits> UnpackGroups fastest_unpacker() {
 #if KVGGML_X86_KERNELS
+    if (kCpu.vbmi) {
+        return unpack_groups_vbmi<kBits>;
+    }
     if (kCpu.avx2) {
-        return unpack_group_avx2<kBits>;
+        return unpack_groups_avx2<kBits>;
     }
 #endif
-    return unpack_group<kBits>;
+    return unpack_groups<kBits>;
 }
 
-UnpackGroup unpacker(int b) {
+UnpackGroups unpacker(int b) {
     switch (b) {
         case 2: return fastest_unpacker<2>();
         case 3: return fastest_unpacker<3>();
@@ -196,11 +301,29 @@ UnpackGroup unpacker(int b) {
         case 6: return fastest_unpacker<6>();
         case 7: return fastest_unpacker<7>();
         case 8: return fastest_unpacker<8>();
-        default: return unpack_group<0>;
+        default: return unpack_groups<0>;
     }
 }
 
-uint16_t read_u16(const uint8_t * p) { return (uint16_t) (p[0] | (p[1] << 8)); }
+
+// Every scale finite and positive (section 7); the first one that is not names the error.
+int32_t check_scales(const uint8_t * scale_bytes, size_t n) {
+    uint32_t any_bad = 0;  // one pass without branches first: blocks are read at every decode step
+    for (size_t s = 0; s < n; ++s) {
+        const uint16_t v = read_u16(scale_bytes + 2 * s);
+        any_bad |= (v & 0x7C00u) == 0x7C00u || v == 0 || (v & 0x8000u);
+    }
+    for (size_t s = 0; any_bad && s < n; ++s) {
+        const uint16_t v = read_u16(scale_bytes + 2 * s);
+        if ((v & 0x7C00u) == 0x7C00u) {
+            return KVGGML_ERROR_SCALE_NONFINITE;
+        }
+        if (v == 0 || (v & 0x8000u)) {
+            return KVGGML_ERROR_SCALE_NONPOSITIVE;
+        }
+    }
+    return KVGGML_OK;
+}
 
 float group_max(const float * y, int32_t G) {
     float amax = 0.0f;
@@ -513,7 +636,31 @@ const auto rows_to_f16 = kCpu.f16c ? to_f16_f16c : to_f16_portable;
 const auto rows_to_f16 = to_f16_portable;
 #endif
 
+void from_f16_portable(const uint16_t * x, float * y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] = fp16_to_fp32(x[i]);
+    }
+}
+
+#if KVGGML_X86_KERNELS
+__attribute__((target("avx,f16c"))) void from_f16_f16c(const uint16_t * x, float * y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i))));
+    }
+    from_f16_portable(x + i, y + i, n - i);
+}
+
+const auto row_from_f16 = kCpu.f16c ? from_f16_f16c : from_f16_portable;
+#else
+const auto row_from_f16 = from_f16_portable;
+#endif
+
 } // namespace
+
+void f16_to_f32_row(const uint16_t * x, float * y, int64_t n) {
+    row_from_f16(x, y, n);
+}
 
 int32_t BlockCodec::decode_f16(const uint8_t * data, size_t size, uint16_t * out, size_t row_stride_elems) {
     const int32_t rc = decode_to_work(data, size);
@@ -579,28 +726,19 @@ int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, Block
 
     size_t n_present = 0, value_bits = 0;
     for (int32_t k = 0, i = 0; k <= L; ++k) {
-        if (!h.bits[k]) {
-            continue;
-        }
-        for (int32_t n = 0; n < rows_of(B, L, k) * N; ++n, ++i) {
-            if (bit(bitmap, i)) {
-                ++n_present;
-                value_bits += (size_t) G * h.bits[k];
-            }
+        if (h.bits[k]) {
+            const size_t present = count_bits(bitmap, i, i + rows_of(B, L, k) * N);
+            n_present += present;
+            value_bits += present * G * h.bits[k];
+            i += rows_of(B, L, k) * N;
         }
     }
     if (size < pos + 2 * n_present) {
         return KVGGML_ERROR_TRUNCATED_SCALES;
     }
     const uint8_t * scale_bytes = data + pos;
-    for (size_t s = 0; s < n_present; ++s) {
-        const uint16_t v = read_u16(scale_bytes + 2 * s);
-        if ((v & 0x7C00u) == 0x7C00u) {
-            return KVGGML_ERROR_SCALE_NONFINITE;
-        }
-        if (v == 0 || (v & 0x8000u)) {
-            return KVGGML_ERROR_SCALE_NONPOSITIVE;
-        }
+    if (const int32_t rc = check_scales(scale_bytes, n_present); rc != KVGGML_OK) {
+        return rc;
     }
     pos += 2 * n_present;
 
@@ -627,28 +765,37 @@ int32_t BlockCodec::decode_coefficients(const uint8_t * data, size_t size, Block
     size_t i = 0, s = 0, bitpos = 0;
     uint32_t never_produced = 0;
     for (int32_t k = 0; k <= L; ++k) {
+        // the subband's groups lie one after another in work (row r, group g at r * C + g * G)
         const int b = h.bits[k];
-        float * rows = work.data() + (size_t) first_row(B, L, k) * C;
+        const int32_t n_groups = rows_of(B, L, k) * N;
+        float * y = work.data() + (size_t) first_row(B, L, k) * C;
+        uint16_t * y_scale = group_scale.data() + (size_t) first_row(B, L, k) * N;
         if (b == 0) {
-            std::fill(rows, rows + (size_t) rows_of(B, L, k) * C, 0.0f);  // dropped subband: +0.0f
-            std::fill(group_scale.begin() + (size_t) first_row(B, L, k) * N,
-                      group_scale.begin() + (size_t) (first_row(B, L, k) + rows_of(B, L, k)) * N, 0);
+            std::fill(y, y + (size_t) n_groups * G, 0.0f);  // dropped subband: +0.0f
+            std::fill(y_scale, y_scale + n_groups, 0);
             continue;
         }
-        const UnpackGroup unpack = unpacker(b);
-        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k); ++r) {
-            for (int32_t g = 0; g < N; ++g, ++i) {
-                group_scale[(size_t) r * N + g] = bit(bitmap, i) ? read_u16(scale_bytes + 2 * s) : 0;
-                if (!bit(bitmap, i)) {
-                    float * y = work.data() + (size_t) r * C + g * G;
-                    std::fill(y, y + G, 0.0f);  // absent group: +0.0f
-                    continue;
-                }
-                const float d = fp16_to_fp32(read_u16(scale_bytes + 2 * s++));
-                never_produced |= unpack(value_bytes_at, bitpos, b, G, d, work.data() + (size_t) r * C + g * G);
-                bitpos += (size_t) G * b;
+        const UnpackGroups unpack = unpacker(b);  // one call per run of present groups
+        for (int32_t g = 0; g < n_groups;) {
+            if (!bit(bitmap, i + g)) {
+                y_scale[g] = 0;
+                std::fill(y + (size_t) g * G, y + (size_t) (g + 1) * G, 0.0f);  // absent group: +0.0f
+                ++g;
+                continue;
             }
+            int32_t run = 1;
+            while (g + run < n_groups && bit(bitmap, i + g + run)) {
+                ++run;
+            }
+            for (int32_t j = 0; j < run; ++j) {
+                y_scale[g + j] = read_u16(scale_bytes + 2 * (s + j));
+            }
+            never_produced |= unpack(value_bytes_at, bitpos, b, G, run, scale_bytes + 2 * s, y + (size_t) g * G);
+            bitpos += (size_t) run * G * b;
+            s += run;
+            g += run;
         }
+        i += n_groups;
     }
     return never_produced ? KVGGML_ERROR_VALUE : KVGGML_OK;
 }
@@ -716,7 +863,11 @@ const char * kvggml_error_name(int32_t code) {
 const char * kvggml_codec_kernels(void) {
 #if KVGGML_X86_KERNELS
     using kvggml::kCpu;
-    return kCpu.avx2 && kCpu.f16c ? "avx2 f16c" : kCpu.avx2 ? "avx2" : kCpu.f16c ? "f16c" : "portable";
+    return kCpu.vbmi && kCpu.f16c ? "avx512vbmi avx2 f16c"
+         : kCpu.avx2 && kCpu.f16c ? "avx2 f16c"
+         : kCpu.avx2              ? "avx2"
+         : kCpu.f16c              ? "f16c"
+                                  : "portable";
 #else
     return "portable";
 #endif

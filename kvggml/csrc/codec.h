@@ -124,6 +124,9 @@ inline uint16_t fp32_to_fp16(float f) {
     return (uint16_t) (sign | h);
 }
 
+// y[0, n) = x[0, n) from f16, exact (F16C where the CPU has it).
+void f16_to_f32_row(const uint16_t * x, float * y, int64_t n);
+
 // IEEE binary16 -> binary32, exact.
 inline float fp16_to_fp32(uint16_t h) {
     const uint32_t magnitude = (uint32_t) (h & 0x7FFFu) << 13;  // exponent and mantissa at f32 positions
