@@ -38,6 +38,14 @@ namespace {
 typedef float Lanes __attribute__((vector_size(32)));
 constexpr int kLanes = sizeof(Lanes) / sizeof(float);
 
+// Sixteen lanes: one AVX-512 register, two AVX2 ones, for the loops that accumulate rows.
+typedef float Wide __attribute__((vector_size(64)));
+constexpr int kWide = sizeof(Wide) / sizeof(float);
+
+inline Lanes folded(Wide v) {  // lane i + lane i + 8
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 // The sum of v's lanes, pairwise.
 inline float lanes_total(Lanes v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
@@ -76,18 +84,22 @@ inline Lanes lane_sums(const Lanes (&a)[kLanes]) {
 inline void row_dots(const float * rows, int64_t row_stride, int64_t n, const float * q, int64_t D, float * out,
                      int64_t out_stride) {
     int64_t r = 0;
-    for (; D % kLanes == 0 && r + kLanes <= n; r += kLanes) {
-        Lanes sums[kLanes] = {};
-        for (int64_t c = 0; c < D; c += kLanes) {
-            Lanes y;
+    for (; D % kWide == 0 && r + kLanes <= n; r += kLanes) {
+        Wide sums[kLanes] = {};
+        for (int64_t c = 0; c < D; c += kWide) {
+            Wide y;
             std::memcpy(&y, q + c, sizeof(y));
             for (int i = 0; i < kLanes; ++i) {
-                Lanes x;
+                Wide x;
                 std::memcpy(&x, rows + (r + i) * row_stride + c, sizeof(x));
                 sums[i] += x * y;
             }
         }
-        const Lanes dots = lane_sums(sums);
+        Lanes halves[kLanes];
+        for (int i = 0; i < kLanes; ++i) {
+            halves[i] = folded(sums[i]);
+        }
+        const Lanes dots = lane_sums(halves);
         for (int i = 0; i < kLanes; ++i) {
             out[(r + i) * out_stride] = dots[i];
         }
@@ -107,18 +119,18 @@ inline void axpy(float a, const float * x, float * y, int64_t n) {
 // a time summed in registers, even and odd rows apart so that two chains of adds overlap.
 inline void weighted_rows(const float * w, int64_t w_stride, const float * rows, int64_t row_stride, int64_t n_rows,
                           float * acc, int64_t D) {
-    constexpr int kParts = 64 / kLanes;  // vectors in 64 channels
+    constexpr int kParts = 64 / kWide;  // vectors in 64 channels
     int64_t c0 = 0;
     for (; c0 + 64 <= D; c0 += 64) {
-        Lanes even[kParts] = {}, odd[kParts] = {};
+        Wide even[kParts] = {}, odd[kParts] = {};
         int64_t r = 0;
         for (; r + 2 <= n_rows; r += 2) {
             const float w0 = w[r * w_stride], w1 = w[(r + 1) * w_stride];
             const float * row0 = rows + r * row_stride + c0, * row1 = row0 + row_stride;
             for (int i = 0; i < kParts; ++i) {
-                Lanes x0, x1;
-                std::memcpy(&x0, row0 + i * kLanes, sizeof(x0));
-                std::memcpy(&x1, row1 + i * kLanes, sizeof(x1));
+                Wide x0, x1;
+                std::memcpy(&x0, row0 + i * kWide, sizeof(x0));
+                std::memcpy(&x1, row1 + i * kWide, sizeof(x1));
                 even[i] += w0 * x0;
                 odd[i] += w1 * x1;
             }
@@ -126,16 +138,16 @@ inline void weighted_rows(const float * w, int64_t w_stride, const float * rows,
         for (; r < n_rows; ++r) {
             const float w0 = w[r * w_stride];
             for (int i = 0; i < kParts; ++i) {
-                Lanes x0;
-                std::memcpy(&x0, rows + r * row_stride + c0 + i * kLanes, sizeof(x0));
+                Wide x0;
+                std::memcpy(&x0, rows + r * row_stride + c0 + i * kWide, sizeof(x0));
                 even[i] += w0 * x0;
             }
         }
         for (int i = 0; i < kParts; ++i) {
-            Lanes a;
-            std::memcpy(&a, acc + c0 + i * kLanes, sizeof(a));
+            Wide a;
+            std::memcpy(&a, acc + c0 + i * kWide, sizeof(a));
             a += even[i] + odd[i];
-            std::memcpy(acc + c0 + i * kLanes, &a, sizeof(a));
+            std::memcpy(acc + c0 + i * kWide, &a, sizeof(a));
         }
     }
     for (int64_t r = 0; r < n_rows; ++r) {
