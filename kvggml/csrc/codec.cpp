@@ -613,47 +613,41 @@ int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
 
 namespace {
 
-// float -> f16, nearest even, n values. The x86 F16C instruction rounds exactly as
-// fp32_to_fp16 does (IEEE, subnormals and overflow included) at a tenth of the cost: it is
-// used where the CPU has it, decided once at run time.
-void to_f16_portable(const float * x, uint16_t * y, int32_t n) {
-    for (int32_t i = 0; i < n; ++i) {
-        y[i] = fp32_to_fp16(x[i]);
-    }
-}
+// n values from float to f16 (nearest even) or back (exact). The x86 F16C instructions round
+// exactly as fp32_to_fp16 does (IEEE, subnormals and overflow included) at a tenth of the cost:
+// they are used where the CPU has them, decided once at run time.
+inline uint16_t convert(float x) { return fp32_to_fp16(x); }
+inline float convert(uint16_t h) { return fp16_to_fp32(h); }
 
-#if KVGGML_X86_KERNELS
-__attribute__((target("avx,f16c"))) void to_f16_f16c(const float * x, uint16_t * y, int32_t n) {
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        _mm_storeu_si128((__m128i *) (y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
-    }
-    to_f16_portable(x + i, y + i, n - i);
-}
-
-const auto rows_to_f16 = kCpu.f16c ? to_f16_f16c : to_f16_portable;
-#else
-const auto rows_to_f16 = to_f16_portable;
-#endif
-
-void from_f16_portable(const uint16_t * x, float * y, int64_t n) {
+template <class From, class To> void convert_portable(const From * x, To * y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
-        y[i] = fp16_to_fp32(x[i]);
+        y[i] = convert(x[i]);
     }
 }
 
 #if KVGGML_X86_KERNELS
-__attribute__((target("avx,f16c"))) void from_f16_f16c(const uint16_t * x, float * y, int64_t n) {
+__attribute__((target("avx,f16c"))) inline void convert8(const float * x, uint16_t * y) {
+    _mm_storeu_si128((__m128i *) y, _mm256_cvtps_ph(_mm256_loadu_ps(x), _MM_FROUND_TO_NEAREST_INT));
+}
+
+__attribute__((target("avx,f16c"))) inline void convert8(const uint16_t * x, float * y) {
+    _mm256_storeu_ps(y, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)));
+}
+
+template <class From, class To>
+__attribute__((target("avx,f16c"))) void convert_f16c(const From * x, To * y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i))));
+        convert8(x + i, y + i);
     }
-    from_f16_portable(x + i, y + i, n - i);
+    convert_portable(x + i, y + i, n - i);
 }
 
-const auto row_from_f16 = kCpu.f16c ? from_f16_f16c : from_f16_portable;
+const auto rows_to_f16  = kCpu.f16c ? convert_f16c<float, uint16_t> : convert_portable<float, uint16_t>;
+const auto row_from_f16 = kCpu.f16c ? convert_f16c<uint16_t, float> : convert_portable<uint16_t, float>;
 #else
-const auto row_from_f16 = from_f16_portable;
+const auto rows_to_f16  = convert_portable<float, uint16_t>;
+const auto row_from_f16 = convert_portable<uint16_t, float>;
 #endif
 
 } // namespace
