@@ -146,7 +146,6 @@ size_t count_bits(const uint8_t * bytes, size_t from, size_t to) {
     return n;
 }
 
-
 // Decodes n values of one group (section 4): b-bit two's complement from bit `bitpos` of src
 // (8 readable bytes past the last value), each times d, into y; each value is one 8-byte load
 // and a shift. Returns nonzero if a value is -2^(b-1), which the encoder never produces.
@@ -304,7 +303,6 @@ UnpackGroups unpacker(int b) {
         default: return unpack_groups<0>;
     }
 }
-
 
 // Every scale finite and positive (section 7); the first one that is not names the error.
 int32_t check_scales(const uint8_t * scale_bytes, size_t n) {
