@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_tier import ON, probe
+from test_tier import ON, TOKENS, probe
 
 from kvggml.metrics import mean_kld
 
@@ -18,6 +18,8 @@ ARGS = dict(tail_batch=1, logits_last=48)
 DIRECT, REFERENCE = {"OLLAMA_KV_COMPRESSION_DIRECT": "1"}, {"OLLAMA_KV_COMPRESSION_DIRECT": "0"}
 # a budget that coarsens most old blocks: blocks of mixed levels, with dropped subbands
 MIXED = {"OLLAMA_KV_COMPRESSION_BUDGET": "0.245"}
+# guidance on, under a budget this prompt never reaches: the same blocks as without it
+GUIDED = {"OLLAMA_KV_COMPRESSION_GUIDANCE": "1", "OLLAMA_KV_COMPRESSION_BUDGET": "0.9"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def runs(tmp_path_factory):
         "direct-no-fa": probe(tmp, "patched", {**ON, **DIRECT}, flash_attn=False, **ARGS),
         "mixed-direct": probe(tmp, "patched", {**ON, **DIRECT, **MIXED}, **ARGS),
         "mixed-reference": probe(tmp, "patched", {**ON, **REFERENCE, **MIXED}, **ARGS),
+        "guided-direct": probe(tmp, "patched", {**ON, **DIRECT, **GUIDED}, **ARGS),
     }
 
 
@@ -64,3 +67,17 @@ def test_coarsened_blocks_attend_directly_with_fewer_rows(runs):
 def test_direct_attention_gives_the_same_bits_on_any_thread_count(runs):
     # the work is cut into fixed parts, whatever the threads: 1 and 2 threads compute the same sums
     assert np.array_equal(runs["direct"]["logits"], runs["direct-1-thread"]["logits"])
+
+
+def test_with_guidance_only_the_sampled_decode_steps_leave_the_direct_path(runs):
+    # guidance scores the decoded keys of one query position in 64 (p % 64 == 63): that step takes
+    # the reference path, every other one attends directly, bit for bit as without guidance
+    guided, direct, reference = (runs[r]["logits"] for r in ("guided-direct", "direct", "reference"))
+    assert runs["guided-direct"]["stats"]["coarsenings"] == 0
+    first_pos = TOKENS - ARGS["logits_last"]
+    sampled = [i for i in range(len(guided)) if (first_pos + i) % 64 == 63]
+    assert sampled == [len(guided) - 1]  # positions 1488..1535: only 1535
+    before = slice(0, sampled[0])
+    assert np.array_equal(guided[before], direct[before])
+    assert not np.array_equal(direct[before], reference[before])
+    assert not np.array_equal(guided[sampled[0]], direct[sampled[0]])

@@ -321,7 +321,7 @@ KVGGML_SIMD_CLONES void attend_cells(const Shape & sh, int64_t n, const float * 
 bool Tier::attends_directly(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) const {
     const bool v_trans = v->nb[1] > v->nb[2];
     const int64_t Dv = v_trans ? v->ne[2] : v->ne[0];
-    return cfg.direct && !guided() && q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) &&
+    return cfg.direct && q->type == GGML_TYPE_F32 && q->nb[0] == sizeof(float) &&
            k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && k->ne[3] == 1 && q->ne[3] == 1 &&
            q->ne[2] <= kDirectMaxQueries && q->ne[0] == k->ne[0] && q->ne[1] % k->ne[1] == 0 &&
            Dv * k->ne[1] == (int64_t) kv.hparams.n_embd_v_gqa(kv.layers.front().il) &&

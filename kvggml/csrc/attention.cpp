@@ -53,7 +53,20 @@ void attend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 // query rows guidance samples.
 class AttnInput : public llm_graph_input_i {
 public:
-    AttnInput(const Tier & tier, ggml_tensor * mask) : tier(tier), mask(mask), generation(tier.generation()) {}
+    AttnInput(const Tier & tier, ggml_tensor * mask, const llama_ubatch & ubatch)
+        : tier(tier), mask(mask), generation(tier.generation()), sampling(samples(tier, ubatch)) {}
+
+    // Whether guidance samples a query of this micro-batch: such a graph takes the reference path,
+    // where the guidance op scores the decoded keys; the others (63 decode steps in 64) may attend
+    // directly.
+    static bool samples(const Tier & tier, const llama_ubatch & ubatch) {
+        for (uint32_t i = 0; i < ubatch.n_tokens && ubatch.pos && tier.guided(); ++i) {
+            if (Tier::sampled(ubatch.pos[i])) {
+                return true;
+            }
+        }
+        return false;
+    }
 
     void set_input(const llama_ubatch * ubatch) override {
         if (!used) {
@@ -65,8 +78,8 @@ public:
         const auto & blocks = tier.blocks();
         const float blocked = -INFINITY;
         sampled.clear();
-        for (uint32_t i = 0; i < ubatch->n_tokens && tier.guided(); ++i) {
-            if (ubatch->pos[i] % Tier::kGuidanceStride == Tier::kGuidanceStride - 1) {
+        for (uint32_t i = 0; i < ubatch->n_tokens && sampling; ++i) {
+            if (Tier::sampled(ubatch->pos[i])) {
                 sampled.push_back((int32_t) i);
             }
         }
@@ -91,8 +104,7 @@ public:
     }
 
     bool can_reuse(const llm_graph_params & params) override {
-        GGML_UNUSED(params);
-        return generation == tier.generation();
+        return generation == tier.generation() && sampling == samples(tier, params.ubatch);
     }
 
     const Tier & tier;
@@ -100,6 +112,7 @@ public:
     bool used = false;              // a layer of the graph reads the mask
     ggml_tensor * joined = nullptr; // mask in front of llama.cpp's own, shared by every layer
     const uint64_t generation;
+    const bool sampling;
     std::vector<int32_t> sampled;   // rows of the queries guidance samples in this micro-batch
     std::deque<ScoreView> scores;   // the guidance op's of each layer (a deque: their addresses stay)
     std::deque<DirectView> direct;  // the direct-attention op's of each layer
@@ -192,19 +205,19 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     }
 }
 
-ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                               ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
-                               ggml_tensor *& kq_mask) {
+ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, const llama_ubatch & ubatch,
+                               AttnInput *& input, int32_t il, ggml_tensor * q, float kq_scale, bool plain,
+                               ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
     const int64_t n_comp = tier.n_tokens();
     if (input == nullptr) {
         ggml_tensor * mask = ggml_new_tensor_4d(ctx, kq_mask->type, std::max<int64_t>(n_comp, 1), kq_mask->ne[1],
                                                 kq_mask->ne[2], kq_mask->ne[3]);
         ggml_set_input(mask);
         ggml_set_name(mask, "kvggml_kq_mask");
-        auto owned = std::make_unique<AttnInput>(tier, mask);
+        auto owned = std::make_unique<AttnInput>(tier, mask, ubatch);
         input = owned.get();
         res->add_input(std::move(owned));  // added even when empty: its can_reuse notices the first block
-        if (tier.guided()) {
+        if (input->sampling) {
             tier.prepare_gathering();
         }
     }
@@ -214,7 +227,7 @@ ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result
     input->used = true;
     const auto * kview = tier.view(il, false);
     const auto * vview = tier.view(il, true);
-    if (plain && tier.attends_directly(q, k, v)) {
+    if (plain && !input->sampling && tier.attends_directly(q, k, v)) {
         const int64_t Dv = vview->transposed ? v->ne[2] : v->ne[0], n_head = q->ne[1], n_tokens = q->ne[2];
         input->direct.push_back({&tier, kview->ikv, kq_scale});
         ggml_tensor * args[] = {q, k, v, kq_mask, input->mask};
@@ -225,7 +238,7 @@ ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result
     }
     k = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1,
                        decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(kview));
-    if (tier.guided()) {
+    if (input->sampling) {
         // a leaf of the graph: nothing reads its one-element result, the tier gathers
         input->scores.push_back({&tier, kview->ikv, kq_scale, &input->sampled});
         ggml_tensor * args[] = {q, k, input->mask};

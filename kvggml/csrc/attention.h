@@ -7,6 +7,7 @@
 struct ggml_context;
 struct ggml_tensor;
 class llm_graph_result;
+struct llama_ubatch;
 
 namespace kvggml {
 
@@ -17,10 +18,11 @@ class Tier;
 // straight from the blocks (attention-direct.cpp; `plain`: no bias, sinks or latent V), returns
 // its output, as build_attn_mha would. Otherwise returns null, and k, v and kq_mask become the
 // compressed tokens followed by the exact ones, for build_attn_mha. `input` holds the mask shared
-// by every layer of the graph; the first layer creates it. With guidance, the layer's queries q
-// (scaled by kq_scale in the softmax) also score the compressed tokens (tier-guidance.cpp).
-ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, AttnInput *& input, int32_t il,
-                               ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
-                               ggml_tensor *& kq_mask);
+// by every layer of the graph; the first layer creates it for `ubatch`. When guidance samples a
+// query of `ubatch`, the reference path is taken and the layer's queries q (scaled by kq_scale in
+// the softmax) also score the compressed tokens (tier-guidance.cpp).
+ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, const llama_ubatch & ubatch,
+                               AttnInput *& input, int32_t il, ggml_tensor * q, float kq_scale, bool plain,
+                               ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
 
 } // namespace kvggml

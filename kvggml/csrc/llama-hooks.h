@@ -55,10 +55,12 @@ void kvggml_after_ubatch(llama_memory_i * memory, ggml_backend_sched * sched);
 // llm_graph_context::build_attn: the layer's attention output computed straight from the
 // compressed blocks where it can be (`plain`: no bias, sinks, latent V or Grok's scaling);
 // otherwise null, with the layer's compressed tokens put in front of the exact ones in k, v and
-// the mask for build_attn_mha. With guidance, q (and the softmax's kq_scale) also scores them.
+// the mask for build_attn_mha. When guidance samples a query of `ubatch` (the graph's), q (and the
+// softmax's kq_scale) also scores them.
 ggml_tensor * kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
-                                      kvggml::AttnInput *& input, int32_t il, ggml_tensor * q, float kq_scale,
-                                      bool plain, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+                                      const llama_ubatch & ubatch, kvggml::AttnInput *& input, int32_t il,
+                                      ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
+                                      ggml_tensor *& kq_mask);
 
 // llama_kv_cache memory operations on the compressed tier. Removing and copying act per
 // token, so any range works.

@@ -195,11 +195,12 @@ public:
     bool attends_directly(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v) const;
     void attend_direct(const DirectView & view, ggml_tensor * dst, int ith, int nth) const;
 
-    // Guidance (tier-guidance.cpp). Queries at positions p with p % kGuidanceStride ==
-    // kGuidanceStride - 1 are sampled; the op gathers their attention over the compressed tokens
+    // Guidance (tier-guidance.cpp). Queries at positions p with sampled(p) are sampled (a
+    // micro-batch holding one takes the reference path); the op gathers their attention over the compressed tokens
     // of one layer (src: q, the joined K, the compressed mask) into `gathered`, and compress()
     // folds it into the blocks.
     static constexpr int32_t kGuidanceStride = 64;
+    static bool sampled(llama_pos p) { return p % kGuidanceStride == kGuidanceStride - 1; }
     bool guided() const { return cfg.guidance && !steps.empty(); }
     void prepare_gathering();  // at graph build: `gathered` sized for the blocks now
     void gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const;
