@@ -49,6 +49,21 @@ def test_direct_attention_agrees_with_the_reference_as_closely_as_its_own_two_at
     assert mean_kld(runs["reference-no-fa"]["logits"], runs["direct-no-fa"]["logits"]) < 2 * yardstick
 
 
+@pytest.mark.parametrize("model,tokens", [("smollm2", 3072), ("gemma3", 1536), ("gemma3", 3072)])
+def test_direct_attention_agrees_with_the_reference_on_both_models_at_several_depths(tmp_path, model, tokens):
+    # Gemma 3: GQA with 4 query heads per KV head, and only its 3 full-attention layers compressed
+    args = {**ARGS, "tokens": tokens, "model": model}
+    reference = probe(tmp_path, "patched", {**ON, **REFERENCE}, **args)
+    reference_no_fa = probe(tmp_path, "patched", {**ON, **REFERENCE}, flash_attn=False, **args)
+    direct = probe(tmp_path, "patched", {**ON, **DIRECT}, **args)
+    assert direct["stats"]["compressed_tokens"] > tokens - ARGS["logits_last"] - 2 * 256
+    # Gemma's compressed runs move more between the two kernels (measured 0.052 at 1536 tokens,
+    # stock's own 0.0099): the yardstick is capped so that it stays a tight bound there
+    yardstick = mean_kld(reference["logits"], reference_no_fa["logits"])
+    assert yardstick > 0
+    assert mean_kld(reference["logits"], direct["logits"]) < min(2 * yardstick, 0.02)
+
+
 def test_direct_attention_costs_no_quality_against_stock(runs):
     stock = runs["stock"]["logits"]
     kld_reference, kld_direct = mean_kld(stock, runs["reference"]["logits"]), mean_kld(stock, runs["direct"]["logits"])

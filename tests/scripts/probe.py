@@ -4,7 +4,8 @@ Tests that need the patched library (the pytest process holds stock llama.cpp) o
 their own environment run this file:
     python tests/scripts/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
 (optional: "repeat": [first, end] appends tokens[first:end] again after the tokens; "tail_batch": the
-last logits_last tokens in micro-batches of this many; "threads": ggml threads, 2 unless given)
+last logits_last tokens in micro-batches of this many; "threads": ggml threads, 2 unless given;
+"model": "gemma3" for Gemma 3 270M instead of the default model)
 Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
 """
 
@@ -17,7 +18,7 @@ import sys
 import numpy as np
 
 from kvggml.library import load_llama_cpp
-from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
+from kvggml.model import Runner, default_model_path, default_text, gemma3_model_path, silence_llama_logs
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     try:
         run = Runner(
             llama_cpp,
-            default_model_path(),
+            gemma3_model_path() if args.get("model") == "gemma3" else default_model_path(),
             n_ctx=args["n_ctx"],
             n_batch=args.get("n_batch", 512),
             n_threads=args.get("threads", 2),
