@@ -57,9 +57,9 @@ def test_direct_attention_agrees_with_the_reference_on_both_models_at_several_de
     reference_no_fa = probe(tmp_path, "patched", {**ON, **REFERENCE}, flash_attn=False, **args)
     direct = probe(tmp_path, "patched", {**ON, **DIRECT}, **args)
     assert direct["stats"]["compressed_tokens"] > tokens - ARGS["logits_last"] - 2 * 256
-    # The two kernels' prefills round K and V slightly apart, and quantization turns that into
-    # different codes: on Gemma the compressed runs then differ by 0.052 at 1536 tokens (stock's
-    # own kernels by 0.0099, compressed against stock 0.053), so the yardstick is capped there
+    # On Gemma the compressed runs move far more between the two kernels than stock does (measured
+    # at 1536 tokens: 0.052, stock's 0.0099, compressed against stock 0.053), so the yardstick is
+    # capped to stay a tight bound there
     yardstick = mean_kld(reference["logits"], reference_no_fa["logits"])
     assert yardstick > 0
     assert mean_kld(reference["logits"], direct["logits"]) < min(2 * yardstick, 0.02)
