@@ -360,7 +360,7 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
     BlockCodec & kc = thread_codec(params_k, (int32_t) Ck, false);
     BlockCodec & vc = thread_codec(params_v, (int32_t) Cv, true);
 
-    thread_local std::vector<float> queries, masks, k_rows, v_rows, y, tmp;
+    thread_local std::vector<float> queries, masks, k_rows, v_rows, v_cols, y, tmp;
     thread_local std::vector<uint8_t> attended;
     queries.resize((size_t) sh.n_q * sh.n_head * sh.Dk);
     for (int64_t t = 0; t < sh.n_q; ++t) {
@@ -372,6 +372,7 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
     masks.resize((size_t) sh.n_q * B);
     k_rows.resize((size_t) B * Ck);
     v_rows.resize((size_t) B * Cv);
+    v_cols.resize(v_trans ? (size_t) B * Cv : 0);
     y.resize((size_t) sh.n_q * sh.n_head * B);
     tmp.resize(y.size());
     attended.resize((size_t) sh.n_q * sh.n_head);
@@ -435,11 +436,18 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
                     }
                 }
             }
-            for (int64_t c = 0; v_trans && c < Cv; ++c) {  // a transposed V holds each channel's cells in a row
-                const auto * cells = (const uint16_t *) ((const char *) v->data + first * v->nb[0] +
-                                                         (c / sh.Dv) * v->nb[1] + (c % sh.Dv) * v->nb[2]);
+            if (v_trans) {
+                // a transposed V holds each channel's cells in a row: convert those rows (F16C where
+                // the CPU has it; one value at a time was most of this op's own time), then transpose
+                for (int64_t c = 0; c < Cv; ++c) {
+                    f16_to_f32_row((const uint16_t *) ((const char *) v->data + first * v->nb[0] +
+                                                       (c / sh.Dv) * v->nb[1] + (c % sh.Dv) * v->nb[2]),
+                                   v_cols.data() + c * B, n);
+                }
                 for (int64_t j = 0; j < n; ++j) {
-                    v_rows[j * Cv + c] = fp16_to_fp32(cells[j]);
+                    for (int64_t c = 0; c < Cv; ++c) {
+                        v_rows[j * Cv + c] = v_cols[c * B + j];
+                    }
                 }
             }
             attend_cells(sh, n, k_rows.data(), v_rows.data(), masks.data(), queries.data(), part);
