@@ -241,8 +241,8 @@ ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result
     if (input->sampling) {
         // a leaf of the graph: nothing reads its one-element result, the tier gathers
         input->scores.push_back({&tier, kview->ikv, kq_scale, &input->sampled});
-        ggml_tensor * args[] = {q, k, input->mask};
-        ggml_build_forward_expand(res->get_gf(), ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 3, score_op,
+        ggml_tensor * args[] = {q, k, input->mask, kq_mask};
+        ggml_build_forward_expand(res->get_gf(), ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, score_op,
                                                                 GGML_N_TASKS_MAX, &input->scores.back()));
     }
     if (!vview->transposed) {

@@ -2,11 +2,14 @@
 // attention llama.cpp computes anyway, orders the budget's coarsening (tier-hierarchy.cpp).
 //
 // One query position in kGuidanceStride is sampled (prefill and decode alike). For each sampled
-// query, layer and query head, the op scores the layer's compressed keys, already decoded for
-// attention (the joined K), takes the softmax over the compressed tokens the query may see, and
-// adds each block's share times the number of blocks it saw: 1 is an even spread, so blocks
-// compressed at different depths compare. A block's importance is the mean of that over layers,
-// heads and its queries, decayed so that recent queries count most.
+// query, layer and query head, the op scores the layer's keys, the compressed ones already
+// decoded for attention (the joined K), takes the softmax over every token the query may see,
+// exact cells included, and adds each block's share of it relative to an even spread over those
+// tokens: 1 is the block's fair share, so blocks compressed at different depths compare, and a
+// layer that attends to its recent tokens gives every block little. (Normalising over the
+// compressed tokens alone gave such a layer's blocks even shares: 0.0415 KLD against 0.0367,
+// README "Guidance".) A block's importance is the mean of that over layers, heads and its
+// queries, decayed so that recent queries count most.
 
 #include "tier.h"
 
@@ -58,15 +61,17 @@ void Tier::prepare_gathering() {
 }
 
 void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const {
-    const ggml_tensor * q = dst->src[0];     // [head_dim, n_head, n_tokens], f32
-    const ggml_tensor * k = dst->src[1];     // [head_dim, n_head_kv, n_comp + n_exact], f16, compressed first
-    const ggml_tensor * mask = dst->src[2];  // [n_comp, rows]: 0 where visible
+    const ggml_tensor * q = dst->src[0];      // [head_dim, n_head, n_tokens], f32
+    const ggml_tensor * k = dst->src[1];      // [head_dim, n_head_kv, n_comp + n_exact], f16, compressed first
+    const ggml_tensor * mask = dst->src[2];   // [n_comp, rows]: 0 where visible
+    const ggml_tensor * exact = dst->src[3];  // [n_exact, rows]: llama.cpp's mask of the exact cells
     const std::vector<int32_t> & rows = *view.rows;
-    const int64_t head_dim = k->ne[0], n_head = q->ne[1], n_comp = mask->ne[0];
+    const int64_t head_dim = k->ne[0], n_head = q->ne[1], n_comp = mask->ne[0], n_all = k->ne[2];
     const int64_t group = n_head / (int64_t) n_heads_kv;
     const uint32_t B = cfg.block_tokens();
     const size_t n_blocks = (size_t) n_comp / B, per_block = kv.layers.size() * n_heads_kv;
     GGML_ASSERT(q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && k->ne[1] == (int64_t) n_heads_kv);
+    GGML_ASSERT(exact->ne[0] >= n_all - n_comp);
     if (rows.empty() || gathered.size() != n_blocks * per_block) {
         return;  // no sampled query (most decode steps), or a graph built for other blocks
     }
@@ -74,10 +79,11 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
     thread_local std::vector<float> key, query, scores, share, seen, mass;
     key.resize((size_t) head_dim);
     query.resize((size_t) head_dim);
-    scores.resize((size_t) n_comp);
+    scores.resize((size_t) n_all);
     share.assign(n_blocks * n_heads_kv, 0.0f);
     seen.assign(n_blocks, 0.0f);
     mass.resize(n_blocks);
+    const float blocked = -std::numeric_limits<float>::infinity();
     const int64_t n_items = (int64_t) rows.size() * n_head;  // (sampled row, query head)
     for (int64_t item = ith * n_items / nth; item < (ith + 1) * n_items / nth; ++item) {
         const int32_t row = rows[item / n_head];
@@ -86,41 +92,46 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
         for (int64_t d = 0; d < head_dim; ++d) {
             query[d] = *(const float *) (q_row + d * q->nb[0]) * view.kq_scale;
         }
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n_comp; ++t) {
-            if (mask_at(mask, t, row) != 0.0f) {
-                scores[t] = -std::numeric_limits<float>::infinity();
+        // the softmax over every token the query sees, compressed and exact, as attention takes it
+        float top = blocked, top_comp = blocked;
+        int64_t n_visible = 0;
+        for (int64_t t = 0; t < n_all; ++t) {
+            const float m = t < n_comp ? mask_at(mask, t, row) : mask_at(exact, t - n_comp, row);
+            if (m == blocked) {
+                scores[t] = blocked;
                 continue;
             }
             const auto * k_row = (const ggml_fp16_t *) ((const char *) k->data + t * k->nb[2] + kvh * k->nb[1]);
             ggml_fp16_to_fp32_row(k_row, key.data(), head_dim);
-            scores[t] = dot(query.data(), key.data(), head_dim);
+            scores[t] = dot(query.data(), key.data(), head_dim) + m;
             top = std::max(top, scores[t]);
+            top_comp = t < n_comp ? std::max(top_comp, scores[t]) : top_comp;
+            ++n_visible;
         }
-        if (top == -std::numeric_limits<float>::infinity()) {
+        if (top_comp == blocked) {
             continue;  // no compressed token visible to this query
         }
         float total = 0;
-        for (int64_t t = 0; t < n_comp; ++t) {
+        for (int64_t t = 0; t < n_all; ++t) {
             scores[t] = std::exp(scores[t] - top);
             total += scores[t];
         }
         // a block is seen where a token of it is visible: masked tokens scored exp(-inf) = 0
         std::fill(mass.begin(), mass.end(), 0.0f);
-        size_t n_seen = 0;
         for (size_t b = 0; b < n_blocks; ++b) {
             bool visible = false;
             for (uint32_t r = 0; r < B; ++r) {
                 mass[b] += scores[b * B + r];
                 visible = visible || mask_at(mask, (int64_t) (b * B + r), row) == 0.0f;
             }
-            n_seen += visible;
             if (visible && view.ikv == 0 && h == 0) {
                 seen[b] += 1;
             }
         }
+        // relative to an even spread over the visible tokens: a layer that attends to its recent
+        // tokens gives every block little, rather than an even share of what the blocks got
         for (size_t b = 0; b < n_blocks; ++b) {
-            share[b * n_heads_kv + kvh] += mass[b] / total * (float) n_seen / (float) group;
+            share[b * n_heads_kv + kvh] += mass[b] / total * (float) n_visible / (float) B / (float) group;
         }
     }
 

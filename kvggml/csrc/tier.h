@@ -196,9 +196,9 @@ public:
     void attend_direct(const DirectView & view, ggml_tensor * dst, int ith, int nth) const;
 
     // Guidance (tier-guidance.cpp). Queries at positions p with sampled(p) are sampled (a
-    // micro-batch holding one takes the reference path); the op gathers their attention over the compressed tokens
-    // of one layer (src: q, the joined K, the compressed mask) into `gathered`, and compress()
-    // folds it into the blocks.
+    // micro-batch holding one takes the reference path); the op gathers the attention their
+    // queries give the compressed tokens of one layer (src: q, the joined K, the compressed mask,
+    // llama.cpp's mask of the exact cells) into `gathered`, and compress() folds it into the blocks.
     static constexpr int32_t kGuidanceStride = 64;
     static bool sampled(llama_pos p) { return p % kGuidanceStride == kGuidanceStride - 1; }
     bool guided() const { return cfg.guidance && !steps.empty(); }
