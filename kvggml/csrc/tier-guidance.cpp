@@ -77,6 +77,8 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
     }
 
     thread_local std::vector<float> key, query, scores, share, seen, mass;
+    thread_local std::vector<uint8_t> visible;  // per block: a token of it is visible to the query
+    visible.resize(n_blocks);
     key.resize((size_t) head_dim);
     query.resize((size_t) head_dim);
     scores.resize((size_t) n_all);
@@ -93,8 +95,9 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             query[d] = *(const float *) (q_row + d * q->nb[0]) * view.kq_scale;
         }
         // the softmax over every token the query sees, compressed and exact, as attention takes it
-        float top = blocked, top_comp = blocked;
+        float top = blocked;
         int64_t n_visible = 0;
+        std::fill(visible.begin(), visible.end(), 0);
         for (int64_t t = 0; t < n_all; ++t) {
             const float m = t < n_comp ? mask_at(mask, t, row) : mask_at(exact, t - n_comp, row);
             if (m == blocked) {
@@ -105,10 +108,12 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             ggml_fp16_to_fp32_row(k_row, key.data(), head_dim);
             scores[t] = dot(query.data(), key.data(), head_dim) + m;
             top = std::max(top, scores[t]);
-            top_comp = t < n_comp ? std::max(top_comp, scores[t]) : top_comp;
             ++n_visible;
+            if (t < n_comp) {
+                visible[t / B] = 1;
+            }
         }
-        if (top_comp == blocked) {
+        if (std::none_of(visible.begin(), visible.end(), [](uint8_t v) { return v != 0; })) {
             continue;  // no compressed token visible to this query
         }
         float total = 0;
@@ -116,15 +121,13 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             scores[t] = std::exp(scores[t] - top);
             total += scores[t];
         }
-        // a block is seen where a token of it is visible: masked tokens scored exp(-inf) = 0
+        // masked tokens scored exp(-inf) = 0
         std::fill(mass.begin(), mass.end(), 0.0f);
         for (size_t b = 0; b < n_blocks; ++b) {
-            bool visible = false;
             for (uint32_t r = 0; r < B; ++r) {
                 mass[b] += scores[b * B + r];
-                visible = visible || mask_at(mask, (int64_t) (b * B + r), row) == 0.0f;
             }
-            if (visible && view.ikv == 0 && h == 0) {
+            if (visible[b] && view.ikv == 0 && h == 0) {
                 seen[b] += 1;
             }
         }
