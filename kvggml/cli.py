@@ -477,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--reps", type=positive, help="speed: llama-bench repetitions (3)")
     sizes.add_argument("--quality-ctx", type=positive, help="quality: llama-perplexity -c (8192)")
     sizes.add_argument("--chunks", type=positive, help="quality: llama-perplexity chunks (2)")
+    sizes.add_argument(
+        "--quality-last",
+        type=positive,
+        metavar="N",
+        help="quality: instead of llama-perplexity, which keeps the logits of each chunk's second half (Gemma 3 "
+        "at 32k: 26 GB), score the last N positions of each --quality-ctx context through llama.cpp's C API",
+    )
     sizes.add_argument("--recall-ctx", type=positive, help="recall: the prompt's length in tokens (7600)")
     sizes.add_argument(
         "--recall-depths", type=numbers(float), metavar="LIST", help="recall: where the key is (0.1,0.3,0.5,0.7,0.9)"

@@ -17,6 +17,10 @@ sliding-window cache):
         per layer K: i32 type, u64 row_bytes, row_bytes * cell_count bytes
         per layer V: v_trans == 0: as K
                      v_trans == 1: i32 type, u32 el_bytes, u32 n_embd, n_embd * cell_count * el_bytes
+
+A context that compresses puts its tier's section (docs/FORMAT.md, section 9) in front of the
+full-attention cache's part: the compressed blocks, read here into TierSection (checksum not checked:
+the library checks it on load).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 STATE_MAGIC = 0xAF143CD8
+TIER_MAGIC = 0x5447564B  # "KVGT": the tier's section (docs/FORMAT.md, section 9)
+TIER_VERSION = 3
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_BF16 = 30
@@ -104,10 +110,33 @@ class CacheStream:
 
 
 @dataclass
+class TierBlock:
+    """One compressed block: B token positions (-1 for a removed token) and, per cache layer, its K and
+    V block bytes (docs/FORMAT.md, sections 1-8)."""
+
+    seq: int
+    positions: np.ndarray  # int32 (B,)
+    moved: np.ndarray  # int32 (B,): the RoPE rotation each key is owed
+    step: int  # hierarchy steps taken
+    k: list[bytes]
+    v: list[bytes]
+
+
+@dataclass
+class TierSection:
+    level: int  # L: blocks of 2^L tokens
+    k_width: int
+    v_width: int
+    basis: int  # 1: K in llama.cpp's Hadamard basis, + 2: V
+    blocks: list[TierBlock]
+
+
+@dataclass
 class KVState:
     blob: bytearray
     streams: list[CacheStream]  # non-empty streams, in blob order
     n_parts: int
+    tier: TierSection | None = None  # the compressed blocks of a context that compresses
 
     @classmethod
     def parse(cls, data: bytes) -> KVState:
@@ -118,6 +147,9 @@ class KVState:
         reader.unpack("<i", "seq_id")
         streams: list[CacheStream] = []
         part = 0
+        tier = None
+        if reader.pos + 4 <= len(data) and struct.unpack_from("<I", data, reader.pos)[0] == TIER_MAGIC:
+            tier = _parse_tier(reader)
         while reader.pos < len(data):
             n_stream = reader.u32("n_stream")
             if not 1 <= n_stream <= 256:
@@ -129,7 +161,7 @@ class KVState:
             part += 1
         if part == 0:
             raise StateFormatError("empty state: the sequence has no cells")
-        return cls(bytearray(data), streams, part)
+        return cls(bytearray(data), streams, part, tier)
 
     def bytes(self) -> bytes:
         return bytes(self.blob)
@@ -194,3 +226,32 @@ def _parse_rows(r: _Reader, part: int, il: int, role: str, cell_count: int) -> T
     # Quantized rows stay opaque (n_embd unknown); reading them as floats raises a clear error.
     n_embd = row_bytes // element if element else 0
     return TensorRows(part, il, role, ggml_type, offset, cell_count, n_embd, False)
+
+
+def _parse_tier(r: _Reader) -> TierSection:
+    r.u32("tier magic")
+    version = r.u32("tier version")
+    if version != TIER_VERSION:
+        raise StateFormatError(f"tier section version {version}: this reader knows version {TIER_VERSION}")
+    level, n_layers, k_width, v_width, basis, n_blocks = (r.u32(what) for what in TIER_HEADER)
+    if level > 8 or not 1 <= n_layers <= 1024:
+        raise StateFormatError(f"tier section: level {level} (0..8), layers {n_layers} (1..1024)")
+    n = 1 << level
+    blocks = []
+    for b in range(n_blocks):
+        seq = r.unpack("<i", f"block {b} seq")
+        positions = np.frombuffer(r.data, "<i4", n, r.take(4 * n, f"block {b} positions")).copy()
+        moved = np.frombuffer(r.data, "<i4", n, r.take(4 * n, f"block {b} moved")).copy()
+        step = r.u32(f"block {b} step")
+        k, v = [], []
+        for il in range(n_layers):
+            for role, rows in (("K", k), ("V", v)):
+                size = r.u32(f"block {b} layer {il} {role} size")
+                start = r.take(size, f"block {b} layer {il} {role} bytes")
+                rows.append(bytes(r.data[start : start + size]))
+        blocks.append(TierBlock(seq, positions, moved, step, k, v))
+    r.take(8, "tier checksum")
+    return TierSection(level, k_width, v_width, basis, blocks)
+
+
+TIER_HEADER = ("tier level", "tier layers", "tier K width", "tier V width", "tier basis", "tier blocks")

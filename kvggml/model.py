@@ -79,6 +79,7 @@ class Runner:
         n_threads: int | None = None,
         flash_attn: bool = True,
         n_seq_max: int = 1,
+        cb_eval=None,  # llama_cpp.ggml_backend_sched_eval_callback: sees each graph node, asks for its data
     ):
         self.lib = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
@@ -100,6 +101,8 @@ class Runner:
         )
         if n_threads:
             cparams.n_threads = cparams.n_threads_batch = n_threads
+        if cb_eval:
+            cparams.cb_eval = cb_eval
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

@@ -2,7 +2,8 @@
 
 memory   KV bytes once a context is full (library accounting; stock: llama.cpp's allocation), peak RSS
 speed    llama-bench prefill and decode tokens/s at a depth, mean and deviation over repetitions
-quality  llama-perplexity: PPL, and KLD against stock f16's logits (--kl-divergence)
+quality  llama-perplexity: PPL, and KLD against stock f16's logits (--kl-divergence); with "last",
+         the probe's logits of the last positions of each context instead (long contexts of large vocabularies)
 recall   llama.cpp's passkey test: a planted key at several depths and seeds, asked for at the end
 """
 
@@ -110,8 +111,10 @@ def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> 
 
 
 def kld_base(params: dict, out: Path) -> Path:
-    """Stock f16's logits for these quality parameters: llama-perplexity --kl-divergence-base."""
-    return out / f"kld-base-c{params['n_ctx']}-chunks{params['chunks']}.bin"
+    """Stock f16's logits for these quality parameters: llama-perplexity --kl-divergence-base, or the
+    probe's logits of the last positions."""
+    last = f"-last{params['last']}" if "last" in params else ""
+    return out / f"kld-base-c{params['n_ctx']}-chunks{params['chunks']}{last}.bin"
 
 
 def perplexity(variant: Variant, params: dict, inputs: Inputs, *extra: object) -> str:
@@ -136,6 +139,8 @@ def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -
     them, written again first if they are missing."""
     base = kld_base(params, out)
     reference = Variant.parse(REFERENCE)
+    if "last" in params:
+        return measure_quality_at_the_end(variant, params, inputs, base)
     if variant.label == REFERENCE or not base.is_file():
         output = perplexity(reference, params, inputs, "--kl-divergence-base", base)
         if variant.label == REFERENCE:
@@ -148,6 +153,21 @@ def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -
         "kld_p99": number(r"99\.0%\s+KLD:\s*([-\d.]+)", output),
         "same_top_pct": number(r"Same top p:\s*([\d.]+)", output),
     }
+
+
+def measure_quality_at_the_end(variant: Variant, params: dict, inputs: Inputs, base: Path) -> dict:
+    """The probe's quality over the last positions of each context; the reference writes the base."""
+
+    def tail(v: Variant) -> dict:
+        sizes = (params["n_ctx"], v.ggml_type, params["chunks"], params["last"], inputs.threads)
+        return run_probe(v, "tail", inputs.model, inputs.text, *sizes, base)
+
+    if variant.label == REFERENCE or not base.is_file():
+        base.unlink(missing_ok=True)
+        result = tail(Variant.parse(REFERENCE))
+        if variant.label == REFERENCE:
+            return result
+    return tail(variant)
 
 
 def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:

@@ -4,6 +4,7 @@ libllama: stock or patched, chosen by KVGGML_LIB). The last line printed is the 
     python -m kvggml.bench.probe tokens MODEL TEXT
     python -m kvggml.bench.probe memory MODEL TEXT N_CTX GGML_TYPE FILL THREADS
     python -m kvggml.bench.probe recall MODEL N_CTX GGML_TYPE DEPTHS SEEDS THREADS
+    python -m kvggml.bench.probe tail MODEL TEXT N_CTX GGML_TYPE CHUNKS LAST THREADS BASE
 """
 
 from __future__ import annotations
@@ -104,7 +105,60 @@ def recall(model: str, n_ctx: str, ggml_type: str, depths: str, seeds: str, thre
     return cases
 
 
-PROBES = {"tokens": count_tokens, "memory": memory, "recall": recall}
+def tail(model: str, text: str, n_ctx: str, ggml_type: str, chunks: str, last: str, threads: str, base: str) -> dict:
+    """The logits of the last `last` positions of each of `chunks` contexts of n_ctx tokens of the text
+    (read in 512-token micro-batches), written to `base` if it does not exist (the reference), else scored
+    against it: mean and 99th percentile KLD, perplexity, same top token. llama-perplexity keeps every
+    logit of a chunk's second half, n_ctx/2 x vocabulary floats: more memory than a long context of a
+    large-vocabulary model allows (Gemma 3 at 32k: 17 GB, and 9 GB more for its base)."""
+    import numpy as np
+    from scipy.special import log_softmax
+
+    from kvggml.metrics import kld_per_row
+    from kvggml.model import Runner
+    from kvggml.native import stats_or_none
+
+    llama_cpp = load_llama_cpp()
+    n_ctx, n_chunks, n_last, type_id = int(n_ctx), int(chunks), int(last), int(ggml_type)
+    with Runner(llama_cpp, Path(model), n_ctx=n_ctx, type_k=type_id, type_v=type_id, n_threads=int(threads)) as run:
+        tokens = run.tokenize(Path(text).read_text(encoding="utf-8"))
+        logits, targets = [], []
+        for c in range(n_chunks):
+            chunk = tokens[c * n_ctx : (c + 1) * n_ctx]
+            llama_cpp.llama_memory_clear(run.memory, True)
+            run.decode(chunk[:-n_last], 0)
+            logits.append(run.decode(chunk[-n_last:], n_ctx - n_last, want_logits=True))
+            targets.append(chunk[n_ctx - n_last + 1 :])  # the next token of each position but the last
+        stats = stats_or_none(llama_cpp, run.ctx)
+    logits = np.stack(logits)  # (chunks, last, vocabulary)
+    if not Path(base).is_file():
+        with open(base, "wb") as f:  # np.save would add .npy to the name
+            np.save(f, logits)
+        reference = logits
+    else:
+        reference = np.load(base, mmap_mode="r")
+        if reference.shape != logits.shape:
+            raise ValueError(f"{base}: logits of shape {reference.shape}, this run has {logits.shape}")
+    kld, nll, same = [], [], []
+    for c in range(n_chunks):
+        for i in range(0, n_last, 64):  # 64 rows at a time: float64 log-probabilities of a large vocabulary
+            ref = log_softmax(np.asarray(reference[c, i : i + 64], dtype=np.float64), axis=-1)
+            own = log_softmax(logits[c, i : i + 64].astype(np.float64), axis=-1)
+            kld.append(kld_per_row(ref, own))
+            same.append(ref.argmax(-1) == own.argmax(-1))
+            rows = np.arange(min(64, n_last - 1 - i))
+            nll.append(-own[rows, targets[c][i + rows]])
+    kld = np.concatenate(kld)
+    return {
+        "ppl": float(np.exp(np.concatenate(nll).mean())),
+        "kld_mean": float(kld.mean()),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "same_top_pct": float(100 * np.concatenate(same).mean()),
+        "stats": stats,
+    }
+
+
+PROBES = {"tokens": count_tokens, "memory": memory, "recall": recall, "tail": tail}
 
 if __name__ == "__main__":
     print(json.dumps(PROBES[sys.argv[1]](*sys.argv[2:])))

@@ -194,7 +194,10 @@ def figure(record: dict) -> str:
 TABLES = {
     "memory": ("Memory: KV bytes once the context is full (stock: llama.cpp's allocation), peak RSS", memory_table),
     "speed": ("Speed: llama-bench tokens/s at depth, mean ± deviation over the repetitions", speed_table),
-    "quality": ("Quality: llama-perplexity, KLD against stock f16's logits", quality_table),
+    "quality": (
+        "Quality: KLD against stock f16's logits (llama-perplexity; with --quality-last, the last positions)",
+        quality_table,
+    ),
     "recall": ("Recall: llama.cpp's passkey test, the key at each depth for each seed", recall_table),
 }
 

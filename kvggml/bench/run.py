@@ -30,6 +30,7 @@ FULL = dict(
     reps=3,
     quality_ctx=8192,  # where a budget of a quarter of f16 holds (at 4096 the exact window alone is 0.26)
     chunks=2,
+    quality_last=0,  # 0: llama-perplexity; N: the probe's logits of each context's last N positions
     recall_ctx=7600,
     recall_depths=[0.1, 0.3, 0.5, 0.7, 0.9],
     seeds=2,
@@ -41,6 +42,7 @@ QUICK = dict(
     reps=2,
     quality_ctx=1024,
     chunks=2,
+    quality_last=0,
     recall_ctx=2048,
     recall_depths=[0.25, 0.75],
     seeds=1,
@@ -67,6 +69,7 @@ class Settings:
     reps: int
     quality_ctx: int
     chunks: int
+    quality_last: int
     recall_ctx: int
     recall_depths: list[float]
     seeds: int
@@ -114,8 +117,8 @@ def check_text_length(settings: Settings, inputs: Inputs) -> None:
     needs = []
     if "memory" in settings.measurements and set(settings.variants) - settings.no_fill:
         needs.append((max(settings.memory_ctx), f"memory at n_ctx {max(settings.memory_ctx)}"))
-    if "quality" in settings.measurements:
-        tokens = settings.quality_ctx * max(settings.chunks, 2)
+    if "quality" in settings.measurements:  # llama-perplexity needs at least two contexts' worth
+        tokens = settings.quality_ctx * (settings.chunks if settings.quality_last else max(settings.chunks, 2))
         needs.append((tokens, f"quality at n_ctx {settings.quality_ctx} with {settings.chunks} chunks"))
     if not needs:
         return
@@ -151,7 +154,10 @@ def plan(settings: Settings) -> list[Cell]:
             for d in settings.depths
             for fa in settings.flash_attn
         ],
-        "quality": [{"n_ctx": settings.quality_ctx, "chunks": settings.chunks}],
+        "quality": [
+            {"n_ctx": settings.quality_ctx, "chunks": settings.chunks}
+            | ({"last": settings.quality_last} if settings.quality_last else {})
+        ],
         "recall": [{"n_ctx": settings.recall_ctx, "depths": settings.recall_depths, "seeds": settings.seeds}],
     }
     cells = []
