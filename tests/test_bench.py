@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import child_env, run_cli
 
-from kvggml.bench.report import frontier_rows
+from kvggml.bench.report import budget_series, frontier_rows
 from kvggml.bench.run import QUICK, Settings, plan
 from kvggml.bench.store import Cell, ResultStore
 from kvggml.bench.variants import Variant
@@ -141,6 +141,22 @@ def test_the_frontier_marks_dominated_variants():
 
 
 @pytest.mark.fast
+def test_kld_against_budget_has_a_line_per_setting_ordered_by_budget():
+    records = [
+        frontier_record("quality", "kvggml balanced;THRESHOLD=256;BUDGET=0.25", {"kld_mean": 0.026}),
+        frontier_record("quality", "kvggml balanced;THRESHOLD=256;BUDGET=0.21", {"kld_mean": 0.036}),
+        frontier_record("quality", "kvggml balanced;BUDGET=0.21;GUIDANCE=1", {"kld_mean": 0.040}),
+        frontier_record("quality", "kvggml balanced;BUDGET=64MiB", {"kld_mean": 0.050}),  # bytes: no x
+        frontier_record("quality", "kvggml balanced", {"kld_mean": 0.023}),
+        frontier_record("quality", "stock q4_0", {"kld_mean": 0.0558}),
+    ]
+    assert budget_series(records) == {
+        "kvggml balanced;THRESHOLD=256": [(0.21, 0.036), (0.25, 0.026)],
+        "kvggml balanced;GUIDANCE=1": [(0.21, 0.040)],
+    }
+
+
+@pytest.mark.fast
 def test_measure_tier_frontier_reads_the_bench_cells(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"cells": FRONTIER}))
     res = subprocess.run(
@@ -228,3 +244,20 @@ def test_a_budget_the_context_cannot_hold_is_a_refused_cell_with_the_librarys_re
     assert f"| {variant} | memory | n_ctx 1024 | {reason} |" in table
     assert f"| {variant} | 1024 |" not in table  # not a row of the memory table
     assert "3 cells, 3 reused" in bench(*args, out=out).stderr  # a refusal is a finished cell
+
+
+def test_quality_at_the_end_of_each_context_scores_the_same_positions_for_every_variant(tmp_path):
+    """--quality-last: the probe's logits of each context's last positions instead of llama-perplexity's
+    second half (too large for a large vocabulary at a long context)."""
+    out = tmp_path / "out"
+    args = ["--quick", "--only", "quality", "--quality-last", "32", "--variants", "stock q4_0", "kvggml hi"]
+    res = bench(*args, out=out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    by_variant = {c["variant"]: c for c in cells(out)}
+    assert {c["params"]["last"] for c in by_variant.values()} == {32}
+    f16, q4_0, hi = (by_variant[v]["result"] for v in ("stock f16", "stock q4_0", "kvggml hi"))
+    assert f16["kld_mean"] == 0 and f16["same_top_pct"] == 100
+    assert 0 < hi["kld_mean"] < q4_0["kld_mean"]  # as llama-perplexity ranks them (README, quality)
+    assert hi["stats"]["compressed_tokens"] > 0 and f16["stats"] is None
+    assert 1 < f16["ppl"] < q4_0["ppl"] * 1.5
+    assert list(out.glob("kld-base-c1024-chunks2-last32.bin"))

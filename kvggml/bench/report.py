@@ -176,6 +176,23 @@ def frontier_table(rows: list[dict]) -> str:
     return table(["cache", "KV MiB", "vs stock f16", "f16 part MiB", "mean KLD", "same top %", "Pareto"], body)
 
 
+def budget_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """The quality cells of variants whose BUDGET is a fraction of f16, by the rest of their label:
+    {"kvggml balanced;THRESHOLD=256": [(budget, mean KLD), ...] by budget}."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in of(records, "quality"):
+        name, *settings = r["variant"].split(";")
+        budgets = [s.removeprefix("BUDGET=") for s in settings if s.startswith("BUDGET=")]
+        try:
+            budget = float(budgets[0]) if budgets else None
+        except ValueError:  # a budget in bytes
+            budget = None
+        if budget is not None:
+            rest = ";".join([name, *(s for s in settings if not s.startswith("BUDGET="))])
+            series.setdefault(rest, []).append((budget, r["result"]["kld_mean"]))
+    return {label: sorted(points) for label, points in series.items()}
+
+
 def figure(record: dict) -> str:
     """One finished cell's result, in a line."""
     result = record["result"]
@@ -241,6 +258,20 @@ def plot_frontier(plt, rows: list[dict], n_ctx: int, title: str, path: Path) -> 
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     save(plt, fig, f"KV MiB once an n_ctx {n_ctx} context is full", "mean KLD against stock f16 (log)", title, path)
+
+
+def plot_budget(plt, records: list[dict], title: str, path: Path) -> None:
+    """KLD against the budget, a line per setting; stock cache types as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for label, points in budget_series(records).items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    for r in of(records, "quality"):
+        if r["variant"].startswith("stock") and r["result"]["kld_mean"] > 0:
+            ax.axhline(r["result"]["kld_mean"], ls="--", lw=1, color="tab:gray")
+            ax.annotate(r["variant"], (0, r["result"]["kld_mean"]), xycoords=("axes fraction", "data"), fontsize=7)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    save(plt, fig, "OLLAMA_KV_COMPRESSION_BUDGET (fraction of f16)", "mean KLD against stock f16 (log)", title, path)
 
 
 def plot_decode(plt, records: list[dict], title: str, path: Path) -> None:

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvggml.bench.measure import MEASURE, Inputs, Refused, run_probe
-from kvggml.bench.report import figure, frontier_rows, markdown, plot_decode, plot_frontier, pyplot
+from kvggml.bench.report import (
+    budget_series,
+    figure,
+    frontier_rows,
+    markdown,
+    plot_budget,
+    plot_decode,
+    plot_frontier,
+    pyplot,
+)
 from kvggml.bench.store import Cell, ResultStore
 from kvggml.bench.variants import REFERENCE, Variant
 from kvggml.library import library_dir
@@ -196,6 +205,9 @@ def write_outputs(settings: Settings, records: list[dict]) -> list[Path]:
     if any(r["kld_mean"] > 0 for r in rows):
         written.append(settings.out / "bench-frontier.png")
         plot_frontier(plt, rows, frontier_ctx, title, written[-1])
+    if any(len(points) > 1 for points in budget_series(records).values()):
+        written.append(settings.out / "bench-budget.png")
+        plot_budget(plt, records, title, written[-1])
     if any(r["measurement"] == "speed" for r in records):
         written.append(settings.out / "bench-decode.png")
         plot_decode(plt, records, title, written[-1])
