@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
-from kvggml.kvstate import KVState, StateFormatError
+from kvggml.kvstate import TIER_MAGIC, KVState, StateFormatError
 from kvggml.model import Runner
 
 
@@ -63,3 +65,24 @@ def test_wrong_magic_is_rejected(filled):
     _, _, blob = filled
     with pytest.raises(StateFormatError, match="not a llama.cpp sequence state"):
         KVState.parse(b"\0\0\0\0" + blob[4:])
+
+
+def tier_section(version: int = 3, n_blocks: int = 1) -> bytes:
+    """A tier section (docs/FORMAT.md, section 9) of one layer: level 1 (2-token blocks), widths 4."""
+    header = struct.pack("<8I", TIER_MAGIC, version, 1, 1, 4, 4, 0, n_blocks)
+    block = struct.pack("<i2i2iI", 0, 7, 8, 0, 0, 1) + struct.pack("<I", 3) + b"KKK" + struct.pack("<I", 2) + b"VV"
+    return header + block * n_blocks + bytes(8)  # the checksum: the library checks it, this reader does not
+
+
+@pytest.mark.fast
+def test_a_tier_section_is_read_and_a_bad_one_named():
+    head = struct.pack("<Ii", 0xAF143CD8, 0)
+    # llama.cpp's own part after the section: one stream with no cells
+    state = KVState.parse(head + tier_section() + struct.pack("<2I", 1, 0))
+    (block,) = state.tier.blocks
+    assert (state.tier.level, state.tier.k_width, list(block.positions), block.step) == (1, 4, [7, 8], 1)
+    assert (block.k, block.v) == ([b"KKK"], [b"VV"])
+    with pytest.raises(StateFormatError, match="tier section version 2: this reader knows version 3"):
+        KVState.parse(head + tier_section(version=2))
+    with pytest.raises(StateFormatError, match="truncated state: block 1 layer 0 V bytes needs 2 bytes"):
+        KVState.parse(head + tier_section(n_blocks=2)[:-9])  # one of the last block's V bytes
