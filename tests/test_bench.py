@@ -58,6 +58,13 @@ def test_bad_model_and_text_are_named_before_any_measurement(tmp_path):
 
 
 @pytest.mark.fast
+def test_quality_last_must_leave_a_prefix_to_read(tmp_path):
+    env = child_env(KVGGML_BUILD_DIR=str(tmp_path / "no-build"))  # refused before anything runs
+    res = bench("--quick", "--only", "quality", "--quality-last", "1024", out=tmp_path / "out", env=env)
+    assert res.returncode == 2 and "--quality-last 1024: must be below --quality-ctx 1024" in res.stderr
+
+
+@pytest.mark.fast
 def test_variants_name_what_is_wrong():
     assert Variant.parse("kvggml lo;THRESHOLD=256;BUDGET=0.2").compression_env() == {
         "OLLAMA_KV_COMPRESSION": "1",

@@ -138,9 +138,9 @@ def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -
     """The reference writes the base logits (and is its own KLD 0); every other variant is scored against
     them, written again first if they are missing."""
     base = kld_base(params, out)
-    reference = Variant.parse(REFERENCE)
     if "last" in params:
         return measure_quality_at_the_end(variant, params, inputs, base)
+    reference = Variant.parse(REFERENCE)
     if variant.label == REFERENCE or not base.is_file():
         output = perplexity(reference, params, inputs, "--kl-divergence-base", base)
         if variant.label == REFERENCE:

@@ -221,6 +221,8 @@ def run(settings: Settings) -> int:
     if REFERENCE not in settings.variants:
         settings.variants = [REFERENCE, *settings.variants]
     variants = {label: Variant.parse(label) for label in settings.variants}
+    if settings.quality_last >= settings.quality_ctx:
+        raise ValueError(f"--quality-last {settings.quality_last}: must be below --quality-ctx {settings.quality_ctx}")
     model = check_model(settings.model)
     inputs = Inputs(model, text_file(settings), settings.threads)
     check_text_length(settings, inputs)
