@@ -233,7 +233,9 @@ def _parse_tier(r: _Reader) -> TierSection:
     version = r.u32("tier version")
     if version != TIER_VERSION:
         raise StateFormatError(f"tier section version {version}: this reader knows version {TIER_VERSION}")
-    level, n_layers, k_width, v_width, basis, n_blocks = (r.u32(what) for what in TIER_HEADER)
+    level, n_layers, k_width, v_width, basis, n_blocks = (
+        r.u32(f"tier {field}") for field in ("level", "layers", "K width", "V width", "basis", "blocks")
+    )
     if level > 8 or not 1 <= n_layers <= 1024:
         raise StateFormatError(f"tier section: level {level} (0..8), layers {n_layers} (1..1024)")
     n = 1 << level
@@ -252,6 +254,3 @@ def _parse_tier(r: _Reader) -> TierSection:
         blocks.append(TierBlock(seq, positions, moved, step, k, v))
     r.take(8, "tier checksum")
     return TierSection(level, k_width, v_width, basis, blocks)
-
-
-TIER_HEADER = ("tier level", "tier layers", "tier K width", "tier V width", "tier basis", "tier blocks")

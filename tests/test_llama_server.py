@@ -19,11 +19,12 @@ from conftest import child_env
 from servers import free_port, request, running
 
 from kvggml import native
+from kvggml.kvstate import TIER_MAGIC
 from kvggml.library import library_dir
 from kvggml.model import default_model_path, default_text
 
 SLOTS, N_CTX, THRESHOLD = 4, 8192, 64  # 2048 tokens a slot, the window well inside each prompt
-KVGT = (0x5447564B).to_bytes(4, "little")  # the saved state's kvggml section starts with it
+KVGT = TIER_MAGIC.to_bytes(4, "little")  # the saved state's kvggml section starts with it
 
 
 @pytest.fixture(scope="module")

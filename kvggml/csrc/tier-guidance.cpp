@@ -97,6 +97,7 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
         // the softmax over every token the query sees, compressed and exact, as attention takes it
         float top = blocked;
         int64_t n_visible = 0;
+        bool any_block_visible = false;
         std::fill(visible.begin(), visible.end(), 0);
         for (int64_t t = 0; t < n_all; ++t) {
             const float m = t < n_comp ? mask_at(mask, t, row) : mask_at(exact, t - n_comp, row);
@@ -111,9 +112,10 @@ void Tier::gather_attention(const ScoreView & view, const ggml_tensor * dst, int
             ++n_visible;
             if (t < n_comp) {
                 visible[t / B] = 1;
+                any_block_visible = true;
             }
         }
-        if (std::none_of(visible.begin(), visible.end(), [](uint8_t v) { return v != 0; })) {
+        if (!any_block_visible) {
             continue;  // no compressed token visible to this query
         }
         float total = 0;
