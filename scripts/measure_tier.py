@@ -8,6 +8,8 @@
     measure_tier.py recall   [--ctx 7600]            a planted fact at several depths and seeds, asked at the end
     measure_tier.py frontier [--ctx 8192]            KV bytes against KLD, from the memory and quality cells
                                                      of the same --out: a table and tier-frontier.png
+    measure_tier.py speed --import FILE              the speed cells of llama-bench's JSON lines measured on
+                                                     a machine without this venv (scripts/speed_on_another_cpu.sh)
 
 A variant is a name of kvggml.bench.variants.VARIANTS, optionally followed by settings of the
 hierarchy, each `;NAME=VALUE` for OLLAMA_KV_COMPRESSION_NAME: "kvggml hi;THRESHOLD=256;BUDGET=0.2".
@@ -19,6 +21,7 @@ Run with the repo's venv: .venv/bin/python scripts/measure_tier.py memory
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -27,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kvggml.bench.report import frontier_rows, frontier_table, plot_frontier, pyplot  # noqa: E402
-from kvggml.bench.run import FULL, RESULTS, Settings, run  # noqa: E402
+from kvggml.bench.measure import speed_records  # noqa: E402
+from kvggml.bench.report import frontier_rows, frontier_table, plot_frontier, pyplot, speed_table  # noqa: E402
+from kvggml.bench.run import FULL, RESULTS, Settings, run, write_outputs  # noqa: E402
 from kvggml.bench.store import ResultStore  # noqa: E402
 from kvggml.bench.variants import VARIANTS  # noqa: E402
 from kvggml.model import default_model_path  # noqa: E402
@@ -53,6 +57,28 @@ def frontier(args) -> int:
     return 0
 
 
+def import_speed(settings: Settings, lines: Path) -> int:
+    """bench.json, bench.md and the plots of llama-bench's JSON lines, each labelled with its variant."""
+    try:
+        tests = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
+        records = speed_records(tests)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"measure_tier.py speed --import {lines}: not llama-bench JSON lines with a label: {err!r}"
+        ) from None
+    failed = sorted({t["label"] for t in tests if t.get("rc", 0)})
+    if failed:
+        raise SystemExit(f"measure_tier.py speed --import {lines}: llama-bench failed for {', '.join(failed)}")
+    store = ResultStore(settings.out / RESULTS, command=settings.command)
+    for record in records:
+        store.put({k: record[k] for k in ("measurement", "variant", "params", "inputs")}, record["result"])
+    settings.model = Path(records[0]["inputs"]["model"]["path"])
+    print(speed_table(store.records))
+    for path in write_outputs(settings, store.records):
+        print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["memory", "quality", "speed", "recall", "frontier"])
@@ -68,6 +94,7 @@ def main() -> int:
     parser.add_argument("--recall-depths", default="0.1,0.3,0.5,0.7,0.9", help="recall: where the key is")
     parser.add_argument("--seeds", type=int, default=2, help="recall: keys and fillers per depth")
     parser.add_argument("--fresh", action="store_true", help="measure again the cells already in --out")
+    parser.add_argument("--import", dest="imported", type=Path, help="speed: llama-bench JSON lines to import")
     args = parser.parse_args()
     args.ctx = args.ctx or DEFAULT_CTX.get(args.what)
     if args.what == "frontier":
@@ -97,6 +124,10 @@ def main() -> int:
         no_fill=frozenset(args.no_fill),
         fresh=args.fresh,
     )
+    if args.imported:
+        if args.what != "speed":
+            raise SystemExit("measure_tier.py: --import is for speed cells only")
+        return import_speed(settings, args.imported)
     try:
         return run(settings)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

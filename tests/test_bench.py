@@ -178,6 +178,46 @@ def test_measure_tier_frontier_reads_the_bench_cells(tmp_path):
     assert (tmp_path / "tier-frontier.png").stat().st_size > 0
 
 
+def llama_bench_line(label: str, fa: int, depth: int, threads: int, n_prompt: int, rate: float, rc: int = 0) -> str:
+    """One test of llama-bench's JSON lines, labelled as scripts/speed_on_another_cpu.sh labels them."""
+    test = dict(label=label, rc=rc, flash_attn=fa, n_depth=depth, n_threads=threads, n_prompt=n_prompt)
+    test |= dict(n_gen=0 if n_prompt else 32, avg_ts=rate, stddev_ts=1.0, samples_ts=[rate - 1, rate + 1])
+    return json.dumps(test | dict(model_filename="m.gguf", model_size=1000, cpu_info="Some CPU"))
+
+
+def measure_tier_import(lines: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
+    script = [sys.executable, str(REPO / "scripts" / "measure_tier.py"), "speed", "--out", str(tmp_path / "out")]
+    return subprocess.run([*script, "--import", str(tmp_path / "lines.jsonl")], capture_output=True, text=True)
+
+
+@pytest.mark.fast
+def test_speed_measured_elsewhere_is_compared_at_each_thread_count(tmp_path):
+    lines = [
+        llama_bench_line("stock f16", 1, 8192, 16, 512, 300.0),
+        llama_bench_line("stock f16", 1, 8192, 16, 0, 36.0),
+        llama_bench_line("stock f16", 0, 8192, 16, 0, 65.0),
+        llama_bench_line("kvggml balanced", 1, 8192, 16, 0, 91.0),
+        llama_bench_line("stock f16", 0, 8192, 2, 0, 18.0),
+        llama_bench_line("kvggml balanced", 1, 8192, 2, 0, 24.0),
+    ]
+    res = measure_tier_import(lines, tmp_path)
+    assert res.returncode == 0, res.stderr
+    # each cell against the fastest stock decode at its own thread count; a decode-only cell has no prefill
+    fastest = "stock f16, flash attention off |"
+    assert f"| stock f16 | on | 16 | 8192 | 300.0 ± 1.0 | 36.0 ± 1.0 | 0.55× | {fastest}" in res.stdout
+    assert f"| kvggml balanced | on | 16 | 8192 | – | 91.0 ± 1.0 | 1.40× | {fastest}" in res.stdout
+    assert f"| kvggml balanced | on | 2 | 8192 | – | 24.0 ± 1.0 | 1.33× | {fastest}" in res.stdout
+    assert (tmp_path / "out" / "bench-threads.png").stat().st_size > 0
+    cells = json.loads((tmp_path / "out" / "bench.json").read_text())["cells"]
+    assert len(cells) == 5 and {c["params"]["threads"] for c in cells} == {2, 16}
+
+    failed = measure_tier_import([llama_bench_line("kvggml balanced", 1, 8192, 2, 0, 24.0, rc=139)], tmp_path)
+    assert failed.returncode != 0 and "llama-bench failed for kvggml balanced" in failed.stderr
+    unlabelled = measure_tier_import([json.dumps({"n_depth": 0})], tmp_path)
+    assert unlabelled.returncode != 0 and "not llama-bench JSON lines with a label" in unlabelled.stderr
+
+
 def test_a_text_too_short_for_the_context_is_named(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")

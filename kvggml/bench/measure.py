@@ -103,11 +103,40 @@ def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> 
         *("-r", params["reps"], "-t", inputs.threads, "-o", "json"),
         flash_attn=bool(params["flash_attn"]),
     )
+    return speed_result(json.loads(res.stdout))
+
+
+def speed_result(tests: list[dict]) -> dict:
+    """llama-bench's JSON tests of one configuration: its prefill (n_prompt) and decode (n_gen) rates."""
     result = {}
-    for test in json.loads(res.stdout):
+    for test in tests:
         kind = "prefill" if test["n_prompt"] else "decode"
         result[kind] = {"mean": test["avg_ts"], "sd": test["stddev_ts"], "samples": test["samples_ts"]}
     return result
+
+
+def speed_records(tests: list[dict]) -> list[dict]:
+    """Speed cells from llama-bench's JSON lines run on another machine (scripts/speed_on_another_cpu.sh),
+    each line with the "label" of its variant: a cell per variant, flash attention, depth and thread count."""
+    groups: dict[tuple, list[dict]] = {}
+    for test in tests:
+        key = (test["label"], int(test["flash_attn"]), test["n_depth"], test["n_threads"])
+        groups.setdefault(key, []).append(test)
+    records = []
+    for (label, flash_attn, depth, threads), group in groups.items():
+        first = group[0]
+        params = {
+            "depth": depth,
+            "flash_attn": flash_attn,
+            "reps": len(first["samples_ts"]),
+            "n_prompt": max(t["n_prompt"] for t in group),
+            "n_gen": max(t["n_gen"] for t in group),
+            "threads": threads,
+        }
+        inputs = {"model": {"path": first["model_filename"], "bytes": first["model_size"]}, "cpu": first["cpu_info"]}
+        record = {"measurement": "speed", "variant": label, "params": params, "inputs": inputs}
+        records.append({**record, "result": speed_result(group)})
+    return records
 
 
 def kld_base(params: dict, out: Path) -> Path:

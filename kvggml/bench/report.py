@@ -71,31 +71,41 @@ def memory_table(records: list[dict]) -> str:
     return table(["cache", "n_ctx", "KV MiB", "vs stock f16", "f16 part MiB", "peak RSS MiB"], rows)
 
 
-def fastest_stock(records: list[dict], depth: int) -> dict | None:
-    """The stock speed cell with the fastest decode at this depth: any cache type, flash attention on or off."""
-    stock = [r for r in of(records, "speed") if r["params"]["depth"] == depth and r["variant"].startswith("stock")]
+def threads(record: dict) -> int:
+    return record["params"]["threads"]
+
+
+def fastest_stock(records: list[dict], depth: int, n_threads: int) -> dict | None:
+    """The stock speed cell with the fastest decode at this depth and thread count: any cache type,
+    flash attention on or off."""
+    stock = [
+        r
+        for r in of(records, "speed")
+        if (r["params"]["depth"], threads(r)) == (depth, n_threads) and r["variant"].startswith("stock")
+    ]
     return max(stock, key=lambda r: r["result"]["decode"]["mean"], default=None)
 
 
 def speed_table(records: list[dict]) -> str:
-    """Each cell against the fastest stock configuration at its depth (named in the last column)."""
+    """Each cell against the fastest stock configuration at its depth and thread count (named in the last column)."""
     rows = []
-    cells = sorted(of(records, "speed"), key=lambda r: (r["params"]["depth"], -r["params"].get("flash_attn", 1)))
-    for r in cells:
-        result, best = r["result"], fastest_stock(records, r["params"]["depth"])
+    order = lambda r: (-threads(r), r["params"]["depth"], -r["params"].get("flash_attn", 1))  # noqa: E731
+    for r in sorted(of(records, "speed"), key=order):
+        result, best = r["result"], fastest_stock(records, r["params"]["depth"], threads(r))
         rows.append(
             [
                 r["variant"],
                 "on" if r["params"].get("flash_attn", 1) else "off",
+                str(threads(r)),
                 str(r["params"]["depth"]),
-                rate(result["prefill"]),
+                rate(result["prefill"]) if "prefill" in result else "–",
                 rate(result["decode"]),
                 ratio(result["decode"]["mean"], best and best["result"]["decode"]["mean"]),
                 best and f"{best['variant']}, flash attention {'on' if best['params'].get('flash_attn', 1) else 'off'}",
             ]
         )
-    header = ["cache", "flash attention", "depth", "prefill tok/s", "decode tok/s", "decode vs fastest stock"]
-    return table([*header, "fastest stock"], rows)
+    header = ["cache", "flash attention", "threads", "depth", "prefill tok/s", "decode tok/s"]
+    return table([*header, "decode vs fastest stock", "fastest stock"], rows)
 
 
 def quality_table(records: list[dict]) -> str:
@@ -274,18 +284,47 @@ def plot_budget(plt, records: list[dict], title: str, path: Path) -> None:
     save(plt, fig, "OLLAMA_KV_COMPRESSION_BUDGET (fraction of f16)", "mean KLD against stock f16 (log)", title, path)
 
 
-def plot_decode(plt, records: list[dict], title: str, path: Path) -> None:
+def speed_series(records: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """The speed cells of each variant and flash attention setting."""
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in of(records, "speed"):
+        series.setdefault((r["variant"], r["params"].get("flash_attn", 1)), []).append(r)
+    return series
+
+
+def plot_series(plt, records: list[dict], x, xlabel: str, title: str, path: Path) -> None:
+    """Decode tokens/s of each variant and flash attention setting against x(cell), a line each."""
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    series = dict.fromkeys((r["variant"], r["params"].get("flash_attn", 1)) for r in of(records, "speed"))
-    for variant, fa in series:
-        cells = [r for r in of(records, "speed") if (r["variant"], r["params"].get("flash_attn", 1)) == (variant, fa)]
-        cells.sort(key=lambda r: r["params"]["depth"])
+    for (variant, fa), cells in speed_series(records).items():
+        cells.sort(key=x)
         decode = [r["result"]["decode"] for r in cells]
-        depths = [r["params"]["depth"] for r in cells]
-        ax.errorbar(depths, [d["mean"] for d in decode], yerr=[d["sd"] for d in decode], marker="o", capsize=3)
+        xs = [x(r) for r in cells]
+        ax.errorbar(xs, [d["mean"] for d in decode], yerr=[d["sd"] for d in decode], marker="o", capsize=3)
         label = f"{variant}, FA {'on' if fa else 'off'}"
-        ax.annotate(label, (depths[-1], decode[-1]["mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
-    save(plt, fig, "depth (tokens already in the context)", "decode tokens/s (mean ± deviation)", title, path)
+        ax.annotate(label, (xs[-1], decode[-1]["mean"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    save(plt, fig, xlabel, "decode tokens/s (mean ± deviation)", title, path)
+
+
+def plot_decode(plt, records: list[dict], title: str, path: Path) -> None:
+    """Decode against depth, at the largest thread count measured."""
+    most = max(threads(r) for r in of(records, "speed"))
+    cells = [r for r in of(records, "speed") if threads(r) == most]
+    plot_series(plt, cells, lambda r: r["params"]["depth"], "depth (tokens already in the context)", title, path)
+
+
+def depths_of_several_thread_counts(records: list[dict]) -> list[int]:
+    """The depths at which speed was measured with more than one thread count."""
+    counts: dict[int, set[int]] = {}
+    for r in of(records, "speed"):
+        counts.setdefault(r["params"]["depth"], set()).add(threads(r))
+    return sorted(depth for depth, n in counts.items() if len(n) > 1)
+
+
+def plot_threads(plt, records: list[dict], title: str, path: Path) -> None:
+    """Decode against the thread count, at the deepest such depth."""
+    depth = depths_of_several_thread_counts(records)[-1]
+    cells = [r for r in of(records, "speed") if r["params"]["depth"] == depth]
+    plot_series(plt, cells, threads, f"threads (decode at depth {depth})", title, path)
 
 
 def save(plt, fig, xlabel: str, ylabel: str, title: str, path: Path) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 from kvggml.bench.measure import MEASURE, Inputs, Refused, run_probe
 from kvggml.bench.report import (
     budget_series,
+    depths_of_several_thread_counts,
     figure,
     frontier_rows,
     markdown,
     plot_budget,
     plot_decode,
     plot_frontier,
+    plot_threads,
     pyplot,
 )
 from kvggml.bench.store import Cell, ResultStore
@@ -211,6 +213,9 @@ def write_outputs(settings: Settings, records: list[dict]) -> list[Path]:
     if any(r["measurement"] == "speed" for r in records):
         written.append(settings.out / "bench-decode.png")
         plot_decode(plt, records, title, written[-1])
+    if depths_of_several_thread_counts(records):
+        written.append(settings.out / "bench-threads.png")
+        plot_threads(plt, records, title, written[-1])
     return written
 
 
