@@ -66,6 +66,7 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
+    "-DGGML_RPC=ON",  # llama.cpp's backend for layers on other machines (ggml-rpc-server), tested with compression
 ]
 # What each build adds. `sanitize` is the patched tree with AddressSanitizer and UBSan on libllama
 # (kvggml's code and llama.cpp's KV cache); ggml stays unsanitized, so tests keep their speed.
@@ -83,8 +84,9 @@ VARIANT_OPTIONS = {
 }
 # Compiler flags a build adds to the whole tree, ggml included.
 VARIANT_FLAGS = {"tsan": ["-fsanitize=thread"]}
-# The patched build adds llama.cpp's own server, which honours OLLAMA_KV_COMPRESSION like every tool.
-VARIANT_TARGETS = {"patched": [*TARGETS, "llama-server"], "fuzz": ["llama"]}
+# The patched build adds llama.cpp's own server, which honours OLLAMA_KV_COMPRESSION like every tool,
+# and its RPC server, which serves a model's layers to another machine's llama.cpp.
+VARIANT_TARGETS = {"patched": [*TARGETS, "llama-server", "ggml-rpc-server"], "fuzz": ["llama"]}
 # KVGGML_CMAKE_OPTIONS adds options to both builds alike (stock stays comparable), e.g. "-DGGML_NATIVE=OFF".
 EXTRA_CMAKE_OPTIONS = shlex.split(os.environ.get("KVGGML_CMAKE_OPTIONS", ""))
 GIT_IDENTITY = ["-c", "user.name=kvggml", "-c", "user.email=kvggml@localhost", "-c", "commit.gpgsign=false"]

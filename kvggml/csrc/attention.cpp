@@ -205,9 +205,16 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     }
 }
 
-ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, const llama_ubatch & ubatch,
-                               AttnInput *& input, int32_t il, ggml_tensor * q, float kq_scale, bool plain,
-                               ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
+ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result * res, ggml_backend_sched * sched,
+                               ggml_backend * cpu, const llama_ubatch & ubatch, AttnInput *& input, int32_t il,
+                               ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
+                               ggml_tensor *& kq_mask) {
+    const auto on_cpu = [&](ggml_tensor * op) {
+        if (cpu != nullptr) {  // a build without a CPU backend has nothing to choose
+            ggml_backend_sched_set_tensor_backend(sched, op, cpu);
+        }
+        return op;
+    };
     const int64_t n_comp = tier.n_tokens();
     if (input == nullptr) {
         ggml_tensor * mask = ggml_new_tensor_4d(ctx, kq_mask->type, std::max<int64_t>(n_comp, 1), kq_mask->ne[1],
@@ -231,29 +238,29 @@ ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result
         const int64_t Dv = vview->transposed ? v->ne[2] : v->ne[0], n_head = q->ne[1], n_tokens = q->ne[2];
         input->direct.push_back({&tier, kview->ikv, kq_scale});
         ggml_tensor * args[] = {q, k, v, kq_mask, input->mask};
-        ggml_tensor * parts = ggml_custom_4d(ctx, GGML_TYPE_F32, Dv + 2, n_head, n_tokens, Tier::kDirectParts, args, 5,
-                                             attend_op, GGML_N_TASKS_MAX, &input->direct.back());
-        return ggml_custom_4d(ctx, GGML_TYPE_F32, Dv * n_head, n_tokens, 1, 1, &parts, 1, merge_partials,
-                              GGML_N_TASKS_MAX, nullptr);
+        ggml_tensor * parts = on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F32, Dv + 2, n_head, n_tokens, Tier::kDirectParts,
+                                                    args, 5, attend_op, GGML_N_TASKS_MAX, &input->direct.back()));
+        return on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F32, Dv * n_head, n_tokens, 1, 1, &parts, 1, merge_partials,
+                                     GGML_N_TASKS_MAX, nullptr));
     }
-    k = ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1,
-                       decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(kview));
+    k = on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F16, k->ne[0], k->ne[1], n_comp + k->ne[2], 1, &k, 1, decode_op,
+                              GGML_N_TASKS_MAX, const_cast<LayerView *>(kview)));
     if (input->sampling) {
         // a leaf of the graph: nothing reads its one-element result, the tier gathers
         input->scores.push_back({&tier, kview->ikv, kq_scale, &input->sampled});
         ggml_tensor * args[] = {q, k, input->mask, kq_mask};
-        ggml_build_forward_expand(res->get_gf(), ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, score_op,
-                                                                GGML_N_TASKS_MAX, &input->scores.back()));
+        ggml_build_forward_expand(res->get_gf(), on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, score_op,
+                                                                       GGML_N_TASKS_MAX, &input->scores.back())));
     }
     if (!vview->transposed) {
-        v = ggml_custom_4d(ctx, GGML_TYPE_F16, v->ne[0], v->ne[1], n_comp + v->ne[2], 1, &v, 1,
-                           decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(vview));
+        v = on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F16, v->ne[0], v->ne[1], n_comp + v->ne[2], 1, &v, 1, decode_op,
+                                  GGML_N_TASKS_MAX, const_cast<LayerView *>(vview)));
     } else {
         // v is [n_kv, n_head, head_dim] with n_kv fastest: join along tokens in [tokens, head_dim, n_head]
         // order, then view it back the way build_attn_mha recognises a transposed V.
         const int64_t head_dim = v->ne[2], n_head = v->ne[1];
-        ggml_tensor * v_comp = ggml_custom_4d(ctx, GGML_TYPE_F16, n_comp, head_dim, n_head, 1, nullptr, 0,
-                                              decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(vview));
+        ggml_tensor * v_comp = on_cpu(ggml_custom_4d(ctx, GGML_TYPE_F16, n_comp, head_dim, n_head, 1, nullptr, 0,
+                                                     decode_op, GGML_N_TASKS_MAX, const_cast<LayerView *>(vview)));
         ggml_tensor * joined = ggml_concat(ctx, v_comp, ggml_permute(ctx, v, 0, 2, 1, 3), 0);
         v = ggml_permute(ctx, joined, 0, 2, 1, 3);
     }

@@ -107,12 +107,14 @@ void kvggml_after_ubatch(llama_memory_i * memory, ggml_backend_sched * sched) {
     }
 }
 
-ggml_tensor * kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
+ggml_tensor * kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, ggml_backend_sched * sched,
+                                      ggml_backend * backend_cpu, const llama_kv_cache_context * mctx,
                                       const llama_ubatch & ubatch, kvggml::AttnInput *& input, int32_t il,
                                       ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
                                       ggml_tensor *& kq_mask) {
     if (Tier * tier = mctx->kvggml_cache()->kvggml_tier.get()) {
-        return kvggml::extend_attention(*tier, ctx, res, ubatch, input, il, q, kq_scale, plain, k, v, kq_mask);
+        return kvggml::extend_attention(*tier, ctx, res, sched, backend_cpu, ubatch, input, il, q, kq_scale, plain, k,
+                                        v, kq_mask);
     }
     return nullptr;
 }

@@ -7,6 +7,7 @@
 
 #include "llama.h"
 
+struct ggml_backend;
 struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_tensor;
@@ -57,7 +58,8 @@ void kvggml_after_ubatch(llama_memory_i * memory, ggml_backend_sched * sched);
 // otherwise null, with the layer's compressed tokens put in front of the exact ones in k, v and
 // the mask for build_attn_mha. When guidance samples a query of `ubatch` (the graph's), q (and the
 // softmax's kq_scale) also scores them.
-ggml_tensor * kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
+ggml_tensor * kvggml_extend_attention(ggml_context * ctx, llm_graph_result * res, ggml_backend_sched * sched,
+                                      ggml_backend * backend_cpu, const llama_kv_cache_context * mctx,
                                       const llama_ubatch & ubatch, kvggml::AttnInput *& input, int32_t il,
                                       ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
                                       ggml_tensor *& kq_mask);

@@ -105,6 +105,15 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
         if (!layer.v) {
             throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs a V cache in every layer");
         }
+        // the tier reads and writes cells in place, on the CPU
+        for (const ggml_tensor * t : {layer.k, layer.v}) {
+            if (!ggml_backend_buffer_is_host(t->buffer)) {
+                throw std::invalid_argument(std::string("OLLAMA_KV_COMPRESSION=1 needs the KV cache in host memory; "
+                                                        "layer ") + std::to_string(layer.il) + "'s is in the " +
+                                            ggml_backend_buffer_name(t->buffer) +
+                                            " buffer: keep it on the CPU (llama.cpp's --no-kv-offload, -nkvo)");
+            }
+        }
     }
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
