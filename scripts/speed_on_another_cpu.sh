@@ -1,8 +1,9 @@
 #!/bin/bash
-# The llama-bench comparison on a machine that has a compiler but neither this repo's venv nor a
-# network: another CPU, more cores. Stock and patched llama.cpp are built there from the pinned source
-# with that CPU's native flags and the -mno-amx flags of scripts/vendor.py (on an AMX CPU, stock is
-# also built without them, and run once: llama.cpp #20824 crashes some AMX machines, not all).
+# The llama-bench comparison on a machine that has a compiler, Python 3.11+ and ninja but neither this repo's
+# venv nor a network: another CPU, more cores. Stock and patched llama.cpp are built there from the
+# pinned source with scripts/vendor.py's CMake options (`vendor.py options`), so with that CPU's native
+# flags and no AMX; on an AMX CPU, stock is also built with AMX and run once: llama.cpp #20824 crashes
+# some AMX machines, not all.
 #
 #   here:   scripts/speed_on_another_cpu.sh pack SRC.tar.xz          after `make build`: the pinned source,
 #                                                                    without docs, models, tests and GPU backends
@@ -18,7 +19,7 @@ mode=${1:-}
 
 case "$mode" in
 pack)
-  tar -C "$REPO/build" -cJf "$2" --exclude=.git --exclude=llama.cpp-stock/{docs,models,benches,tests,tools/ui} \
+  tar -C "$REPO/build" -cJf "$2" --exclude=.git --exclude=llama.cpp-stock/{docs,models,benches,tests} \
     --exclude=llama.cpp-stock/ggml/src/ggml-{cuda,vulkan,sycl,opencl,hexagon,metal,et,webgpu,openvino,cann} \
     llama.cpp-stock
   ;;
@@ -27,18 +28,18 @@ build)
   lscpu > cpu.txt; gcc --version | head -1 >> cpu.txt
   tar xJf "$2" && rm -rf patched && cp -r llama.cpp-stock patched || exit 1
   (cd patched && for p in "$REPO"/patches/*.patch; do patch -p1 -s < "$p" || exit 1; done) || exit 1
-  options=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF
-           -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF)
-  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  one() {  # name source C-flags cmake-options...
-    local name=$1 src=$2 flags=$3; shift 3
-    cmake -S "$src" -B "b-$name" "${options[@]}" -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" "$@" > "b-$name.log" 2>&1 &&
+  mapfile -t stock < <(python3 "$REPO/scripts/vendor.py" options stock)
+  mapfile -t patched < <(python3 "$REPO/scripts/vendor.py" options patched)
+  one() {  # name source cmake-options...: the build tree b-<name>, its llama-bench
+    local name=$1 src=$2; shift 2
+    cmake -S "$src" -B "b-$name" "$@" > "b-$name.log" 2>&1 &&
       cmake --build "b-$name" -j "$(nproc)" --target llama-bench >> "b-$name.log" 2>&1
     echo "built $name: rc $?"
   }
-  one stock llama.cpp-stock "$no_amx" &
-  one patched patched "$no_amx" -DKVGGML_SOURCE_DIR="$REPO/kvggml/csrc" &
-  if grep -q amx_tile /proc/cpuinfo; then one stock-amx llama.cpp-stock "" & fi
+  one stock llama.cpp-stock "${stock[@]}" &
+  one patched patched "${patched[@]}" &
+  # a later -D wins: empty C flags drop the -mno-amx-* ones
+  if grep -q amx_tile /proc/cpuinfo; then one stock-amx llama.cpp-stock "${stock[@]}" -DCMAKE_C_FLAGS= -DCMAKE_CXX_FLAGS= & fi
   wait
   ;;
 bench)
@@ -67,6 +68,6 @@ bench)
   run "stock f16" stock "${off[@]}" -- -ctk f16 -ctv f16 -fa 0 -p 0 -n 32 -r 2 -d 8192 -t 2,4,8
   ;;
 *)
-  sed -n '2,17p' "$0"; exit 2
+  sed -n '2,15p' "$0"; exit 2
   ;;
 esac

@@ -8,6 +8,8 @@
     vendor.py build [stock|patched|sanitize|fuzz|tsan ...]
                               build libllama, llama-perplexity and llama-bench, and llama-server
                               for patched (default: stock, patched)
+    vendor.py options VARIANT the CMake options `build` configures VARIANT with, one a line
+                              (scripts/speed_on_another_cpu.sh builds with them elsewhere)
 
 Layout (all git-ignored):
     build/cache/<sdist>        the verified download
@@ -322,15 +324,20 @@ def configure(src: Path, out: Path, options: list[str], env: dict) -> bool:
     return True
 
 
-def build_variant(variant: str, jobs: int) -> None:
-    src = STOCK_SRC if variant == "stock" else PATCHED_SRC
-    out = BUILD / variant
+def cmake_options(variant: str) -> list[str]:
+    """The CMake options a variant's tree is configured with."""
     # No AMX kernels in either tree: on AMX CPUs (Sapphire Rapids and later) ggml's AMX matmul
     # crashes stock and patched alike (llama.cpp #20824). Explicit -mno-* flags win over
     # -march=native whatever their order, in GCC and Clang. x86 only: other compilers do not know them.
     flags = " ".join([*(NO_AMX_FLAGS if X86 else []), *VARIANT_FLAGS.get(variant, [])])
     compiler_flags = [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"] if flags else []
-    options = [*CMAKE_OPTIONS, *compiler_flags, *EXTRA_CMAKE_OPTIONS, *VARIANT_OPTIONS[variant]]
+    return [*CMAKE_OPTIONS, *compiler_flags, *EXTRA_CMAKE_OPTIONS, *VARIANT_OPTIONS[variant]]
+
+
+def build_variant(variant: str, jobs: int) -> None:
+    src = STOCK_SRC if variant == "stock" else PATCHED_SRC
+    out = BUILD / variant
+    options = cmake_options(variant)
     env = dict(os.environ)
     if shutil.which("ccache"):
         # Paths relative to the repo in the ccache key: a fresh clone (CI) reuses this machine's objects.
@@ -351,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build")
     build.add_argument("variants", nargs="*", metavar="|".join(VARIANT_OPTIONS), help="default: stock and patched")
     build.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    options = sub.add_parser("options")
+    options.add_argument("variant", choices=list(VARIANT_OPTIONS))
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_apply_patches()
         elif args.command == "format-patches":
             cmd_format_patches()
+        elif args.command == "options":
+            print("\n".join(cmake_options(args.variant)))
         else:
             args.variants = args.variants or ["stock", "patched"]
             for variant in set(args.variants) - set(VARIANT_OPTIONS):

@@ -210,9 +210,7 @@ ggml_tensor * extend_attention(Tier & tier, ggml_context * ctx, llm_graph_result
                                ggml_tensor * q, float kq_scale, bool plain, ggml_tensor *& k, ggml_tensor *& v,
                                ggml_tensor *& kq_mask) {
     const auto on_cpu = [&](ggml_tensor * op) {
-        if (cpu != nullptr) {  // a build without a CPU backend has nothing to choose
-            ggml_backend_sched_set_tensor_backend(sched, op, cpu);
-        }
+        ggml_backend_sched_set_tensor_backend(sched, op, cpu);
         return op;
     };
     const int64_t n_comp = tier.n_tokens();
