@@ -158,8 +158,9 @@ SETTINGS: dict[str, Setting] = {
     "guidance": Setting(
         "OLLAMA_KV_COMPRESSION_GUIDANCE",
         0,
-        "1: the budget coarsens the least-attended blocks first (attention sampled from one query in 64), "
-        "not the oldest; measured worse than age order so far (README, The hierarchy)",
+        "1: each KV head of each layer coarsens on its own, the least attended first (attention sampled "
+        "from one query in 64), not the oldest block; the schedule's steps may then only drop subbands "
+        "(README, The hierarchy)",
         min=0,
         max=1,
     ),
@@ -258,6 +259,14 @@ def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
             raise ConfigError(
                 f"{what} step '{item}' must be older and narrower than the step before: ages increasing, "
                 "widths narrower in at least one subband"
+            )
+        narrowed = [k for k, (b, a) in enumerate(zip(bits, before, strict=True)) if b not in (0, a)]
+        if values["guidance"] and narrowed:
+            k = narrowed[0]
+            raise ConfigError(
+                f"{what} step '{item}' narrows subband {k} from {before[k]} to {bits[k]} bits: with "
+                "OLLAMA_KV_COMPRESSION_GUIDANCE=1 each KV head steps on its own, so a step may only drop "
+                f"subbands: 0 or {before[k]}"
             )
         steps.append(Step(age, bits))
         before = bits

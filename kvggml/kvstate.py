@@ -32,7 +32,8 @@ import numpy as np
 
 STATE_MAGIC = 0xAF143CD8
 TIER_MAGIC = 0x5447564B  # "KVGT": the tier's section (docs/FORMAT.md, section 9)
-TIER_VERSION = 3
+TIER_VERSION = 4
+TIER_VERSIONS_READ = (3, 4)  # 3 had no per-head steps
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_BF16 = 30
@@ -117,7 +118,8 @@ class TierBlock:
     seq: int
     positions: np.ndarray  # int32 (B,)
     moved: np.ndarray  # int32 (B,): the RoPE rotation each key is owed
-    step: int  # hierarchy steps taken
+    step: int  # hierarchy steps taken (with per-head steps, the most any head took)
+    head_steps: bytes  # per cache layer and KV head, the steps its channels took; empty: all at `step`
     k: list[bytes]
     v: list[bytes]
 
@@ -231,8 +233,10 @@ def _parse_rows(r: _Reader, part: int, il: int, role: str, cell_count: int) -> T
 def _parse_tier(r: _Reader) -> TierSection:
     r.u32("tier magic")
     version = r.u32("tier version")
-    if version != TIER_VERSION:
-        raise StateFormatError(f"tier section version {version}: this reader knows version {TIER_VERSION}")
+    if version not in TIER_VERSIONS_READ:
+        raise StateFormatError(
+            f"tier section version {version}: this reader knows versions {', '.join(map(str, TIER_VERSIONS_READ))}"
+        )
     level, n_layers, k_width, v_width, basis, n_blocks = (
         r.u32(f"tier {field}") for field in ("level", "layers", "K width", "V width", "basis", "blocks")
     )
@@ -245,12 +249,17 @@ def _parse_tier(r: _Reader) -> TierSection:
         positions = np.frombuffer(r.data, "<i4", n, r.take(4 * n, f"block {b} positions")).copy()
         moved = np.frombuffer(r.data, "<i4", n, r.take(4 * n, f"block {b} moved")).copy()
         step = r.u32(f"block {b} step")
+        head_steps = b""
+        if version >= 4:
+            n_heads = r.u32(f"block {b} head steps")
+            start = r.take(n_heads, f"block {b} head steps")
+            head_steps = bytes(r.data[start : start + n_heads])
         k, v = [], []
         for il in range(n_layers):
             for role, rows in (("K", k), ("V", v)):
                 size = r.u32(f"block {b} layer {il} {role} size")
                 start = r.take(size, f"block {b} layer {il} {role} bytes")
                 rows.append(bytes(r.data[start : start + size]))
-        blocks.append(TierBlock(seq, positions, moved, step, k, v))
+        blocks.append(TierBlock(seq, positions, moved, step, head_steps, k, v))
     r.take(8, "tier checksum")
     return TierSection(level, k_width, v_width, basis, blocks)

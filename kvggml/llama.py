@@ -49,6 +49,10 @@ class Compression:
     def step_map(self, seq_id: int = 0) -> list[int]:
         return native.get_step_map(self._llm.ctx, seq_id)
 
+    def head_reports(self, seq_id: int = 0) -> list[dict]:
+        """Per cache layer and KV head: the attention it gave the blocks, and the steps and bytes it kept."""
+        return native.get_head_reports(self._llm.ctx, seq_id)
+
     def on_compress(self, fn: Callable[[dict], None] | None) -> None:
         """Call fn(event) for each block compressed from now on (None removes it); see native.CompressCallback."""
         if self._callback is not None:

@@ -120,6 +120,30 @@ def get_segments(ctx, seq_id: int = -1) -> list[dict]:
     return segments
 
 
+def get_head_reports(ctx, seq_id: int = -1) -> list[dict]:
+    """One record per cache layer and KV head (layer-major), over the blocks of one sequence (-1: all):
+    layer, head, attention (mean relative attention its sampled queries gave the blocks; None when
+    none was sampled), blocks, steps (ladder steps its channels took, summed) and bytes (its K and V
+    channels' scales and values)."""
+    lib = open_library()
+    out, n = _read_all(
+        lambda buf, n: lib.kvggml_get_head_reports(_pointer(ctx), seq_id, buf, n),
+        "kvggml_head_report",
+        "kvggml_get_head_reports",
+    )
+    reports = []
+    for i in range(n):
+        record = {name: getattr(out[i], name) for name, _ in ffi.typeof("kvggml_head_report").fields}
+        attention = float(record["attention"])
+        reports.append(
+            {
+                **{k: int(v) for k, v in record.items() if k != "attention"},
+                "attention": None if attention != attention else attention,
+            }
+        )
+    return reports
+
+
 def get_bitmap(ctx, seq_id: int) -> list[bool]:
     """One flag per block slot of the sequence (after the sinks): compressed or not."""
     lib = open_library()

@@ -3,8 +3,8 @@
 
 Valid cases: <case>.in.bin (f16 input), <case>.bin (encoded block), <case>.out.bin (decoded f32),
 listed with their configuration in manifest.txt. Coarsened blocks (FORMAT.md section 10):
-coarsen/<case>.bin, listed in coarsen/manifest.txt with the valid case they come from and their
-widths. Malformed blocks: invalid/<defect>.bin, listed in invalid/manifest.txt with a word the
+coarsen/<case>.bin, listed in coarsen/manifest.txt with the case they come from, the channels
+that change (section 11) and their widths. Malformed blocks: invalid/<defect>.bin, listed in invalid/manifest.txt with a word the
 reference's error message contains.
 Deterministic: rerunning rewrites identical files.
 """
@@ -120,6 +120,10 @@ COARSEN_CASES = [
     ("already_dropped", "dropped_subbands", (8, 0, 2, 0), "subbands dropped at encoding stay dropped"),
     ("padding", "odd_sizes", (2, 2), "3-channel groups: bitmap and value padding"),
     ("zeros", "zeros", (6, 4, 3, 3, 0), "every group absent"),
+    ("head_drop_finest", "heads64", (6, 4, 3, 3, 0), "D_1 dropped from the second head only (section 11)", (64, 128)),
+    ("head_drop_two", "heads64", (6, 4, 3, 0, 0), "D_2 and D_1 dropped from the first head only", (0, 64)),
+    ("groups_drop", "smooth_threshold", (6, 4, 3, 0, 3), "D_2 dropped from 3 groups of 8 channels", (16, 40)),
+    ("head_drop_last", "head_drop_finest", (6, 4, 3, 3, 0), "D_1 dropped from the other head: width 0", (0, 64)),
 ]
 
 
@@ -184,10 +188,15 @@ def main() -> None:
     (VECTORS / "manifest.txt").write_text("\n".join(manifest) + "\n")
 
     (VECTORS / "coarsen").mkdir(exist_ok=True)
-    coarsened = ["# case source-case bits'[0..L]"]
-    for name, source, bits, description in COARSEN_CASES:
-        (VECTORS / "coarsen" / f"{name}.bin").write_bytes(coarsen_block((VECTORS / f"{source}.bin").read_bytes(), bits))
-        coarsened += [f"# {name}: {description}", " ".join(map(str, [name, source, *bits]))]
+    coarsened = ["# case source-case channels(c0:c1) bits'[0..L]"]
+    for name, source, bits, description, *channels in COARSEN_CASES:
+        source_bin = VECTORS / f"{source}.bin"
+        if not source_bin.exists():  # a coarsened case as the source
+            source_bin = VECTORS / "coarsen" / f"{source}.bin"
+        block = source_bin.read_bytes()
+        c0, c1 = channels[0] if channels else (0, int.from_bytes(block[4:6], "little"))
+        (VECTORS / "coarsen" / f"{name}.bin").write_bytes(coarsen_block(block, bits, (c0, c1)))
+        coarsened += [f"# {name}: {description}", " ".join(map(str, [name, source, f"{c0}:{c1}", *bits]))]
     (VECTORS / "coarsen" / "manifest.txt").write_text("\n".join(coarsened) + "\n")
 
     invalid = ["# file expected-word-of-the-error"]

@@ -46,6 +46,10 @@ def bind(path: str) -> ctypes.CDLL:
         "kvggml_codec_decode_block": (i32, [ctypes.c_char_p, size, i32, ptr, size, ctypes.POINTER(i32)]),
         "kvggml_codec_decode_block_f16": (i32, [ctypes.c_char_p, size, i32, ptr, size, size, ctypes.POINTER(i32)]),
         "kvggml_codec_coarsen_block": (ctypes.c_int64, [ctypes.c_char_p, size, i32, ctypes.c_char_p, size, ptr, size]),
+        "kvggml_codec_coarsen_channels": (
+            ctypes.c_int64,
+            [ctypes.c_char_p, size, i32, ctypes.c_char_p, size, i32, i32, ptr, size],
+        ),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -139,13 +143,18 @@ def check_vectors(lib) -> int:
     return count
 
 
-def coarsen(lib, data: bytes, bits, capacity: int | None = None) -> tuple[int, bytes]:
-    """(return code, coarsened bytes) of kvggml_codec_coarsen_block."""
-    channels = int.from_bytes(data[4:6], "little")
+def coarsen(lib, data: bytes, bits, capacity: int | None = None, channels=None) -> tuple[int, bytes]:
+    """(return code, coarsened bytes) of kvggml_codec_coarsen_block, or with `channels` (c0, c1)
+    of kvggml_codec_coarsen_channels."""
+    n_channels = int.from_bytes(data[4:6], "little")
     out = ctypes.create_string_buffer(max(len(data) if capacity is None else capacity, 1))
-    rc = lib.kvggml_codec_coarsen_block(
-        data, len(data), channels, bytes(bits), len(bits), out, len(out) if capacity is None else capacity
-    )
+    capacity = len(out) if capacity is None else capacity
+    if channels is None:
+        rc = lib.kvggml_codec_coarsen_block(data, len(data), n_channels, bytes(bits), len(bits), out, capacity)
+    else:
+        rc = lib.kvggml_codec_coarsen_channels(
+            data, len(data), n_channels, bytes(bits), len(bits), *channels, out, capacity
+        )
     return rc, out.raw[: max(rc, 0)]
 
 
@@ -153,8 +162,11 @@ def check_coarsen_vectors(lib) -> int:
     count = 0
     for line in (VECTORS / "coarsen" / "manifest.txt").read_text().splitlines():
         if line and not line.startswith("#"):
-            name, source, *bits = line.split()
-            rc, data = coarsen(lib, (VECTORS / f"{source}.bin").read_bytes(), [int(b) for b in bits])
+            name, source, channels, *bits = line.split()
+            source_bin = VECTORS / f"{source}.bin"
+            block = (source_bin if source_bin.exists() else VECTORS / "coarsen" / f"{source}.bin").read_bytes()
+            c0, c1 = map(int, channels.split(":"))
+            rc, data = coarsen(lib, block, [int(b) for b in bits], channels=(c0, c1))
             assert rc > 0 and data == (VECTORS / "coarsen" / f"{name}.bin").read_bytes(), f"coarsen/{name}: {rc}"
             count += 1
     return count
@@ -234,7 +246,7 @@ def test_golden_vectors(codec_lib):
 
 
 def test_coarsening_golden_vectors(codec_lib):
-    assert check_coarsen_vectors(codec_lib) >= 10
+    assert check_coarsen_vectors(codec_lib) >= 16
 
 
 def test_random_coarsenings_match_the_reference(codec_lib):
@@ -246,6 +258,26 @@ def test_random_coarsenings_match_the_reference(codec_lib):
         assert coarsen(codec_lib, data, narrower) == (len(coarsen_block(data, narrower)), coarsen_block(data, narrower))
 
 
+def test_random_head_drops_match_the_reference(codec_lib):
+    # section 11: subbands dropped from one head's channels, as the hierarchy steps a KV head
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        ref, head_dim, x16 = random_block(rng)
+        data = ref.encode_block(x16.astype(np.float32), head_dim)
+        channels = int.from_bytes(data[4:6], "little")
+        if head_dim % ref.group or channels == head_dim:
+            continue
+        head = int(rng.integers(channels // head_dim))
+        span = (head * head_dim, (head + 1) * head_dim)
+        dropped = tuple(0 if b == 0 or rng.random() < 0.5 else b for b in ref.bits)
+        want = coarsen_block(data, dropped, span)
+        assert coarsen(codec_lib, data, dropped, channels=span) == (len(want), want)
+        np.testing.assert_array_equal(
+            np.delete(decode_block(want), np.s_[span[0] : span[1]], axis=1),
+            np.delete(decode_block(data), np.s_[span[0] : span[1]], axis=1),
+        )
+
+
 def test_coarsening_refuses_what_it_cannot_do(codec_lib):
     data = (VECTORS / "normal.bin").read_bytes()  # widths 6.4.3.3.3
     assert error_name(codec_lib, coarsen(codec_lib, data, [6, 5, 3, 3, 3])[0]) == "bits out of range"  # wider
@@ -255,6 +287,18 @@ def test_coarsening_refuses_what_it_cannot_do(codec_lib):
         error_name(codec_lib, coarsen(codec_lib, data, [6, 4, 3, 3, 0], len(data) - 1)[0]) == "output buffer too small"
     )
     assert error_name(codec_lib, coarsen(codec_lib, data[:-1], [6, 4, 3, 3, 0])[0]) == "truncated data"
+    two_heads = (VECTORS / "heads64.bin").read_bytes()  # 128 channels, groups of 64
+    # a channel range may only drop a subband, and must be whole groups inside the block
+    assert error_name(codec_lib, coarsen(codec_lib, two_heads, [6, 4, 3, 3, 2], channels=(0, 64))[0]) == (
+        "bits out of range"
+    )
+    for span in [(0, 32), (64, 192), (64, 64), (-64, 64)]:
+        rc = coarsen(codec_lib, two_heads, [6, 4, 3, 3, 0], channels=span)[0]
+        assert error_name(codec_lib, rc) == "invalid argument", span
+    with pytest.raises(ValueError, match=r"channel range \[0, 32\) not allowed"):
+        coarsen_block(two_heads, (6, 4, 3, 3, 0), (0, 32))
+    with pytest.raises(ValueError, match="can only be dropped"):
+        coarsen_block(two_heads, (6, 4, 3, 3, 2), (0, 64))
 
 
 def test_malformed_blocks_are_rejected(codec_lib):

@@ -89,20 +89,26 @@ def test_golden_vector(case):
     assert bits_equal(out.reshape(block.shape), decoded) and size == len(encoded)
 
 
-def coarsen_cases() -> list[tuple[str, str, tuple[int, ...]]]:
+def coarsen_cases() -> list[tuple[str, bytes, tuple[int, int], tuple[int, ...]]]:
+    """(case, source block, channels, widths) of tests/vectors/coarsen/manifest.txt."""
     lines = (VECTORS / "coarsen" / "manifest.txt").read_text().splitlines()
-    return [
-        (name, source, tuple(map(int, bits))) for name, source, *bits in (ln.split() for ln in lines if ln[:1] != "#")
-    ]
+    cases = []
+    for name, source, channels, *bits in (ln.split() for ln in lines if ln[:1] != "#"):
+        source_bin = VECTORS / f"{source}.bin"
+        data = (source_bin if source_bin.exists() else VECTORS / "coarsen" / f"{source}.bin").read_bytes()
+        c0, c1 = map(int, channels.split(":"))
+        cases.append((name, data, (c0, c1), tuple(map(int, bits))))
+    return cases
 
 
 @pytest.mark.parametrize("case", coarsen_cases(), ids=lambda case: case[0])
 def test_coarsening_golden_vector(case):
-    name, source, bits = case
-    data = (VECTORS / f"{source}.bin").read_bytes()
-    coarse = coarsen_block(data, bits)
+    name, data, channels, bits = case
+    coarse = coarsen_block(data, bits, channels)
     assert coarse == (VECTORS / "coarsen" / f"{name}.bin").read_bytes()
-    assert len(coarse) <= len(data) and coarse[8:][: len(bits)] == bytes(bits)
+    assert len(coarse) <= len(data)
+    if channels == (0, int.from_bytes(data[4:6], "little")):
+        assert coarse[8:][: len(bits)] == bytes(bits)
     if tuple(data[8 : 8 + len(bits)]) == bits:
         assert coarse == data
 

@@ -67,10 +67,14 @@ def test_wrong_magic_is_rejected(filled):
         KVState.parse(b"\0\0\0\0" + blob[4:])
 
 
-def tier_section(version: int = 3, n_blocks: int = 1) -> bytes:
-    """A tier section (docs/FORMAT.md, section 9) of one layer: level 1 (2-token blocks), widths 4."""
+def tier_section(version: int = 3, n_blocks: int = 1, head_steps: bytes = b"") -> bytes:
+    """A tier section (docs/FORMAT.md, section 9) of one layer: level 1 (2-token blocks), widths 4;
+    from version 4 on, with the blocks' per-head steps."""
     header = struct.pack("<8I", TIER_MAGIC, version, 1, 1, 4, 4, 0, n_blocks)
-    block = struct.pack("<i2i2iI", 0, 7, 8, 0, 0, 1) + struct.pack("<I", 3) + b"KKK" + struct.pack("<I", 2) + b"VV"
+    block = struct.pack("<i2i2iI", 0, 7, 8, 0, 0, 1)
+    if version >= 4:
+        block += struct.pack("<I", len(head_steps)) + head_steps
+    block += struct.pack("<I", 3) + b"KKK" + struct.pack("<I", 2) + b"VV"
     return header + block * n_blocks + bytes(8)  # the checksum: the library checks it, this reader does not
 
 
@@ -81,8 +85,10 @@ def test_a_tier_section_is_read_and_a_bad_one_named():
     state = KVState.parse(head + tier_section() + struct.pack("<2I", 1, 0))
     (block,) = state.tier.blocks
     assert (state.tier.level, state.tier.k_width, list(block.positions), block.step) == (1, 4, [7, 8], 1)
-    assert (block.k, block.v) == ([b"KKK"], [b"VV"])
-    with pytest.raises(StateFormatError, match="tier section version 2: this reader knows version 3"):
+    assert (block.k, block.v, block.head_steps) == ([b"KKK"], [b"VV"], b"")
+    (block,) = KVState.parse(head + tier_section(4, head_steps=b"\x01\x00") + struct.pack("<2I", 1, 0)).tier.blocks
+    assert (block.step, block.head_steps, block.k) == (1, b"\x01\x00", [b"KKK"])
+    with pytest.raises(StateFormatError, match="tier section version 2: this reader knows versions 3, 4"):
         KVState.parse(head + tier_section(version=2))
     with pytest.raises(StateFormatError, match="truncated state: block 1 layer 0 V bytes needs 2 bytes"):
         KVState.parse(head + tier_section(n_blocks=2)[:-9])  # one of the last block's V bytes

@@ -141,11 +141,45 @@ def coarsen_bands(bands: list[Band | None], bits: tuple[int, ...]) -> list[Band 
     return out
 
 
-def coarsen_block(data: bytes, bits: tuple[int, ...]) -> bytes:
-    """One serialized block re-encoded with narrower subbands (section 10)."""
+def coarsen_block(data: bytes, bits: tuple[int, ...], channels: tuple[int, int] | None = None) -> bytes:
+    """One serialized block re-encoded with narrower subbands (section 10), or with subbands dropped
+    from the channels [c0, c1) only (section 11: each width 0 or the block's own)."""
     block = parse_block(data)
-    block.bands = coarsen_bands(block.bands, tuple(bits))
+    c0, c1 = (0, block.channels) if channels is None else channels
+    if not (0 <= c0 < c1 <= block.channels) or c0 % block.group or c1 % block.group:
+        raise ValueError(
+            f"channel range [{c0}, {c1}) not allowed: multiples of the group size {block.group} within 0 to {block.channels}"
+        )
+    if (c0, c1) == (0, block.channels):
+        block.bands = coarsen_bands(block.bands, tuple(bits))
+    else:
+        block.bands = drop_from_channels(block.bands, tuple(bits), (c0 // block.group, c1 // block.group))
     return block.pack()
+
+
+def drop_from_channels(bands: list[Band | None], bits: tuple[int, ...], groups: tuple[int, int]) -> list[Band | None]:
+    """Section 11: the subbands of width 0 in `bits` dropped from the groups [g0, g1) of every row."""
+    g0, g1 = groups
+    if len(bits) != len(bands):
+        raise ValueError(f"coarsening needs {len(bands)} widths (A_L, D_L, ..., D_1), got {len(bits)}")
+    out: list[Band | None] = []
+    for index, (band, width) in enumerate(zip(bands, bits, strict=True)):
+        have = 0 if band is None else band.bits
+        if width not in (0, have):
+            raise ValueError(
+                f"bits out of range: subband {index} of width {have} can only be dropped (0) from a channel range, not {width}"
+            )
+        if band is None or width:
+            out.append(band)
+            continue
+        present = band.present.copy()
+        present[:, :, g0:g1] = False
+        if not present.any():
+            out.append(None)
+            continue
+        q = np.where(present[..., None], band.q, 0).astype(np.int32)
+        out.append(Band(band.bits, present, np.where(present, band.scale_bits, np.uint16(0)).astype(np.uint16), q))
+    return out
 
 
 def decode_block(data: bytes) -> np.ndarray:

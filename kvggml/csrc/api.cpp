@@ -4,6 +4,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -127,6 +128,41 @@ int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, ui
             steps[k] = (uint8_t) std::min<uint32_t>(blk.step + 1, 255);
         }
     });
+}
+
+int64_t kvggml_get_head_reports(const struct llama_context * ctx, int32_t seq_id, kvggml_head_report * out,
+                                size_t capacity) {
+    const kvggml::Tier * tier = tier_of(ctx);
+    if (tier == nullptr) {
+        return kvggml::argument_error(no_tier(ctx));
+    }
+    if (out == nullptr && capacity > 0) {
+        return kvggml::argument_error("out is NULL with a capacity above 0");
+    }
+    const auto lock = tier->read_lock();
+    const size_t n_heads = tier->kv_heads(), n_units = tier->n_layers() * n_heads;
+    for (size_t u = 0; u < n_units && u < capacity; ++u) {
+        kvggml_head_report & r = out[u];
+        r = {tier->model_layer(u / n_heads), (int32_t) (u % n_heads), 0.0f, 0, 0, 0};
+        uint64_t n_bits = 0;
+        uint32_t n_observed = 0;
+        for (size_t b = 0; b < tier->blocks().size(); ++b) {
+            const kvggml::Block & blk = tier->blocks()[b];
+            if (seq_id >= 0 && blk.seq != seq_id) {
+                continue;
+            }
+            ++r.blocks;
+            r.steps += tier->head_step(blk, u);
+            n_bits += tier->head_payload_bits(b, u);
+            if (const float a = tier->importance(b, u); std::isfinite(a)) {
+                r.attention += a;
+                ++n_observed;
+            }
+        }
+        r.bytes = (n_bits + 7) / 8;
+        r.attention = n_observed ? r.attention / (float) n_observed : std::nanf("");
+    }
+    return (int64_t) n_units;
 }
 
 int32_t kvggml_set_compress_callback(struct llama_context * ctx, kvggml_compress_callback callback, void * user_data) {

@@ -403,6 +403,26 @@ size_t block_bound(const kvggml_codec_params & p, int32_t C) {
     return 9 + p.levels + (groups + 7) / 8 + 2 * groups + (value_bits + 7) / 8;
 }
 
+size_t channel_payload_bits(const uint8_t * data, size_t size, int32_t c0, int32_t c1) {
+    BlockHeader h;
+    if (parse_header(data, size, h) != KVGGML_OK) {
+        return 0;
+    }
+    const int32_t B = 1 << h.levels, N = h.channels / h.group;
+    const uint8_t * bitmap = data + h.header_bytes;
+    size_t i = 0, n_bits = 0;
+    for (int32_t k = 0; k <= h.levels; ++k) {
+        for (int32_t r = 0; r < rows_of(B, h.levels, k) && h.bits[k]; ++r) {
+            for (int32_t g = 0; g < N; ++g, ++i) {
+                if (g * h.group >= c0 && g * h.group < c1 && bit(bitmap, i)) {
+                    n_bits += 16 + (size_t) h.group * h.bits[k];
+                }
+            }
+        }
+    }
+    return n_bits;
+}
+
 int32_t parse_header(const uint8_t * data, size_t size, BlockHeader & h) {
     if (data == nullptr || size < 8) {
         return KVGGML_ERROR_TRUNCATED_HEADER;
@@ -566,23 +586,46 @@ size_t BlockCodec::pack(const uint8_t * bits, uint8_t * out) const {
     return pos + w.pos;
 }
 
-int64_t BlockCodec::coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out) {
+int64_t BlockCodec::coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out, int32_t c0,
+                            int32_t c1) {
     BlockHeader h;
     if (const int32_t rc = decode_coefficients(data, size, h); rc != KVGGML_OK) {
         return rc;
     }
     const int32_t L = params.levels, G = params.group;
+    if (c1 < 0) {
+        c1 = C;
+    }
+    const bool whole = c0 == 0 && c1 == C;
+    if (c0 < 0 || c1 > C || c0 >= c1 || c0 % G || c1 % G) {
+        return KVGGML_ERROR_ARGUMENT;
+    }
+    uint8_t widths[kFormatMaxLevels + 1] = {};
     for (int32_t k = 0; k <= L; ++k) {
-        if (bits[k] == 1 || bits[k] > h.bits[k]) {
+        // a channel range can only drop a subband: its width is shared by every channel
+        if (bits[k] == 1 || bits[k] > h.bits[k] || (!whole && bits[k] != 0 && bits[k] != h.bits[k])) {
             return KVGGML_ERROR_BITS;
         }
+        widths[k] = bits[k];
     }
     // section 10: a subband of the same width keeps its groups; a narrower one is quantized
-    // again from its decoded coefficients, present where they are not all zero
+    // again from its decoded coefficients, present where they are not all zero. Section 11: a
+    // subband dropped from a channel range keeps its width elsewhere, and becomes width 0 when no
+    // group of it is left.
+    const auto in_range = [&](int32_t g) { return g * G >= c0 && g * G < c1; };
+    for (int32_t k = 0; k <= L && !whole; ++k) {
+        bool any = false;
+        for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k) && bits[k] == 0; ++r) {
+            for (int32_t g = 0; g < N; ++g) {
+                any = any || (!in_range(g) && group_scale[(size_t) r * N + g] != 0);
+            }
+        }
+        widths[k] = bits[k] == 0 && any ? h.bits[k] : bits[k];
+    }
     size_t n_groups = 0;
     scales.clear();
     for (int32_t k = 0; k <= L; ++k) {
-        const int b = bits[k];
+        const int b = widths[k];
         if (b == 0) {
             continue;
         }
@@ -590,15 +633,16 @@ int64_t BlockCodec::coarsen(const uint8_t * data, size_t size, const uint8_t * b
             for (int32_t g = 0; g < N; ++g, ++n_groups) {
                 const float * y = work.data() + (size_t) r * C + g * G;
                 const uint16_t kept = group_scale[(size_t) r * N + g];
+                const bool dropped = bits[k] == 0 && in_range(g);
                 const float amax = b == h.bits[k] ? 0.0f : group_max(y, G);
-                present[n_groups] = b == h.bits[k] ? kept != 0 : amax > 0.0f;
+                present[n_groups] = !dropped && (b == h.bits[k] ? kept != 0 : amax > 0.0f);
                 if (present[n_groups]) {
                     quantize_group(y, b == h.bits[k] ? kept : scale_for(amax, b), b, q.data() + (size_t) r * C + g * G);
                 }
             }
         }
     }
-    return (int64_t) pack(bits, out);
+    return (int64_t) pack(widths, out);
 }
 
 int32_t BlockCodec::decode(const uint8_t * data, size_t size, float * out) {
@@ -958,6 +1002,11 @@ int32_t kvggml_codec_decode_block_f16(const uint8_t * data, size_t size, int32_t
 
 int64_t kvggml_codec_coarsen_block(const uint8_t * data, size_t size, int32_t channels, const uint8_t * bits,
                                    size_t n_bits, uint8_t * out, size_t out_capacity) {
+    return kvggml_codec_coarsen_channels(data, size, channels, bits, n_bits, 0, channels, out, out_capacity);
+}
+
+int64_t kvggml_codec_coarsen_channels(const uint8_t * data, size_t size, int32_t channels, const uint8_t * bits,
+                                      size_t n_bits, int32_t c0, int32_t c1, uint8_t * out, size_t out_capacity) {
     kvggml_codec_params params;
     if (const int32_t rc = kvggml::header_params(data, size, channels, params); rc != KVGGML_OK) {
         return rc;
@@ -968,5 +1017,6 @@ int64_t kvggml_codec_coarsen_block(const uint8_t * data, size_t size, int32_t ch
     if (out_capacity < size) {
         return KVGGML_ERROR_CAPACITY;
     }
-    return kvggml::no_throw([&]() -> int64_t { return BlockCodec(params, channels).coarsen(data, size, bits, out); });
+    return kvggml::no_throw(
+        [&]() -> int64_t { return BlockCodec(params, channels).coarsen(data, size, bits, out, c0, c1); });
 }

@@ -37,6 +37,9 @@ struct BlockHeader {
 
 // Header checks of section 7, without reading past `size`.
 int32_t parse_header(const uint8_t * data, size_t size, BlockHeader & header);
+// Bits of the scales and values (section 6) of the present groups of channels [c0, c1) of a
+// valid block: what those channels cost, without the header and presence bitmap they share.
+size_t channel_payload_bits(const uint8_t * data, size_t size, int32_t c0, int32_t c1);
 
 class BlockCodec {
 public:
@@ -68,8 +71,11 @@ public:
 
     // Section 10: the block re-encoded with narrower subbands bits[0..L] (each 0 or 2..16, at
     // most the block's width), from its stored coefficients, into out (at most `size` bytes).
+    // Section 11: with channels [c0, c1) (multiples of the group size) narrower than the block,
+    // only those channels change, and a width must be 0 or the block's own (c1 < 0: C).
     // Returns the bytes written, or an error code (KVGGML_ERROR_BITS for a width not allowed).
-    int64_t coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out);
+    int64_t coarsen(const uint8_t * data, size_t size, const uint8_t * bits, uint8_t * out, int32_t c0 = 0,
+                    int32_t c1 = -1);
 
 private:
     kvggml_codec_params   params;

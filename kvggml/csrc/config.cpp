@@ -109,6 +109,15 @@ std::vector<Step> parse_schedule(const char * name, const std::string & raw, con
             throw std::invalid_argument(what + " step '" + item + "' must be older and narrower than the step before: "
                                         "ages increasing, widths narrower in at least one subband");
         }
+        for (uint32_t k = 0; k <= c.level && c.guidance; ++k) {
+            if (step.bits[k] != 0 && step.bits[k] != before[k]) {
+                throw std::invalid_argument(what + " step '" + item + "' narrows subband " + std::to_string(k) + " from " +
+                                            std::to_string(before[k]) + " to " + std::to_string(step.bits[k]) +
+                                            " bits: with OLLAMA_KV_COMPRESSION_GUIDANCE=1 each KV head steps on its "
+                                            "own, so a step may only drop subbands: 0 or " +
+                                            std::to_string(before[k]));
+            }
+        }
         steps.push_back(step);
         before = step.bits;
         if (comma == std::string::npos) {

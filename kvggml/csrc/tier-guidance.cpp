@@ -8,8 +8,8 @@
 // tokens: 1 is the block's fair share, so blocks compressed at different depths compare, and a
 // layer that attends to its recent tokens gives every block little. (Normalising over the
 // compressed tokens alone gave such a layer's blocks even shares: 0.0415 KLD against 0.0367,
-// README "Guidance".) A block's importance is the mean of that over layers, heads and its
-// queries, decayed so that recent queries count most.
+// README "Guidance".) The importance of one KV head of one layer in a block is the mean of that
+// over its queries, decayed so that recent queries count most; the hierarchy steps each head by it.
 
 #include "tier.h"
 
@@ -172,10 +172,13 @@ void Tier::fold_attention() {
     gathered_queries = 0;
 }
 
-float Tier::importance(size_t b) const {
+float Tier::importance(size_t b, size_t unit) const {
     const Block & blk = blks[b];
     if (blk.observed <= 0 || blk.attention.empty()) {
         return std::numeric_limits<float>::infinity();
+    }
+    if (unit != SIZE_MAX) {
+        return blk.attention[unit] / blk.observed;
     }
     float sum = 0;
     for (const float a : blk.attention) {

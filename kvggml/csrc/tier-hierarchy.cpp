@@ -5,14 +5,19 @@
 //  - its age: a block at least step.age tokens older than its sequence's newest token takes
 //    that step (OLLAMA_KV_COMPRESSION_SCHEDULE);
 //  - the budget: while exact cells + blocks exceed OLLAMA_KV_COMPRESSION_BUDGET, the oldest
-//    block that can still coarsen takes its next step; with OLLAMA_KV_COMPRESSION_GUIDANCE=1,
-//    the least attended (tier-guidance.cpp), the oldest among equals and those not yet seen
-//    last. The budget is checked against n_ctx when the context is created, so this always
-//    ends within it.
+//    block that can still coarsen takes its next step. The budget is checked against n_ctx when
+//    the context is created, so this always ends within it.
+//
+// With OLLAMA_KV_COMPRESSION_GUIDANCE=1 each KV head of each layer steps on its own (section 11:
+// the head's channels drop a subband, the others keep it), and the budget takes the least
+// attended head of a block first (tier-guidance.cpp), the oldest among equals and those not yet
+// seen last. So a head that looks at its recent tokens gives up its old blocks' detail, while a
+// head that keeps reading an old passage keeps it: per-head rates, from the same statistics.
 
 #include "tier.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -22,6 +27,10 @@
 namespace kvggml {
 
 namespace {
+
+// How much faster than the mean a head may age (and how much slower): uncapped, the heads that
+// barely look back gave up even their youngest blocks' detail under a tight budget.
+constexpr double kMaxHeadRate = 4.0;
 
 std::string widths_text(const SubbandBits & bits, uint32_t level) {
     std::string text;
@@ -71,6 +80,22 @@ std::vector<llama_pos> Tier::newest_positions() const {
     return newest;
 }
 
+uint32_t Tier::head_step(const Block & blk, size_t unit) const {
+    return blk.head_steps.empty() ? blk.step : blk.head_steps[unit];
+}
+
+uint64_t Tier::head_payload_bits(size_t b, size_t unit) const {
+    const size_t ikv = unit / n_heads_kv, head = unit % n_heads_kv;
+    uint64_t n_bits = 0;
+    for (const Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
+        const uint8_t * data = s->bytes.data() + s->offsets[b];
+        const size_t size = s->offsets[b + 1] - s->offsets[b];
+        const int32_t width = (int32_t) (data[4] | (data[5] << 8)) / (int32_t) n_heads_kv;  // header: C
+        n_bits += channel_payload_bits(data, size, (int32_t) head * width, (int32_t) (head + 1) * width);
+    }
+    return n_bits;
+}
+
 void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     if (steps.empty() || blks.empty()) {
         return;
@@ -80,18 +105,25 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     const auto age = [&](const Block & blk) { return (int64_t) newest[blk.seq] - blk.end(); };
     const size_t n_streams = 2 * k_streams.size();
     const auto stream = [&](size_t s) -> Stream & { return s % 2 ? v_streams[s / 2] : k_streams[s / 2]; };
+    // With guidance every KV head of every cache layer steps on its own (a unit); without, the
+    // whole block is one unit.
+    const size_t n_units = guided() ? kv.layers.size() * n_heads_kv : 1;
+    const auto step_of = [&](const Block & blk, size_t u) { return n_units == 1 ? blk.step : head_step(blk, u); };
     // bytes of the blocks coarsened in this round, per stream; the streams are rewritten once at the end
     std::vector<std::vector<std::vector<uint8_t>>> recoded(blks.size());
     std::vector<uint64_t> bytes_before(blks.size());
     uint64_t total = exact_bytes() + compressed_bytes();
 
-    const auto take_step = [&](size_t b) {
+    const auto take_step = [&](size_t b, size_t u) {
         Block & blk = blks[b];
         if (recoded[b].empty()) {
             recoded[b].resize(n_streams);
             bytes_before[b] = block_bytes(b);
         }
-        for (size_t s = 0; s < n_streams; ++s) {
+        const uint32_t next = step_of(blk, u);
+        // a unit is a head of one layer: its channels in that layer's K and V
+        const size_t s0 = n_units == 1 ? 0 : 2 * (u / n_heads_kv), s1 = n_units == 1 ? n_streams : s0 + 2;
+        for (size_t s = s0; s < s1; ++s) {
             std::vector<uint8_t> & now = recoded[b][s];
             if (now.empty()) {
                 const Stream & from = stream(s);
@@ -101,49 +133,89 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
             parse_header(now.data(), now.size(), h);
             uint8_t bits[kFormatMaxLevels + 1] = {};
             for (int32_t k = 0; k <= h.levels; ++k) {
-                bits[k] = std::min(steps[blk.step].bits[k], h.bits[k]);  // a block of a narrower preset stays narrower
+                // a block of a narrower preset stays narrower; a head's ladder only drops subbands
+                bits[k] = n_units == 1 ? std::min(steps[next].bits[k], h.bits[k]) : steps[next].bits[k] ? h.bits[k] : 0;
             }
+            const int32_t head = h.channels / (int32_t) n_heads_kv;
+            const int32_t c0 = n_units == 1 ? 0 : (int32_t) (u % n_heads_kv) * head;
             const kvggml_codec_params & params = s % 2 ? params_v : params_k;
-            std::vector<uint8_t> next(now.size());
-            const int64_t n = thread_codec(params, h.channels, s % 2).coarsen(now.data(), now.size(), bits, next.data());
+            std::vector<uint8_t> out(now.size());
+            const int64_t n = thread_codec(params, h.channels, s % 2)
+                                  .coarsen(now.data(), now.size(), bits, out.data(), c0, n_units == 1 ? -1 : c0 + head);
             if (n < 0) {
                 throw std::runtime_error(std::string("kvggml: a stored block failed to coarsen: ") +
                                          kvggml_error_name((int32_t) n));
             }
-            next.resize((size_t) n);
-            total = total - now.size() + next.size();
-            now = std::move(next);
+            out.resize((size_t) n);
+            total = total - now.size() + out.size();
+            now = std::move(out);
         }
-        ++blk.step;
+        if (n_units == 1) {
+            ++blk.step;
+        } else {
+            blk.head_steps.resize(n_units, (uint8_t) blk.step);
+            blk.head_steps[u] = (uint8_t) (next + 1);
+            blk.step = *std::max_element(blk.head_steps.begin(), blk.head_steps.end());
+        }
         ++n_coarsened;
     };
 
     for (size_t b = 0; b < blks.size(); ++b) {
-        while (blks[b].step < steps.size() && age(blks[b]) >= (int64_t) steps[blks[b].step].age) {
-            take_step(b);
-        }
-    }
-    std::vector<float> importance(blks.size(), 0.0f);
-    for (size_t b = 0; b < blks.size() && guided(); ++b) {
-        importance[b] = this->importance(b);
-    }
-    const auto coarsens_before = [&](size_t a, size_t b) {
-        return importance[a] != importance[b] ? importance[a] < importance[b] : age(blks[a]) > age(blks[b]);
-    };
-    while (budget != 0 && total > budget) {
-        size_t next = blks.size();
-        for (size_t b = 0; b < blks.size(); ++b) {
-            if (blks[b].step < steps.size() && (next == blks.size() || coarsens_before(b, next))) {
-                next = b;
+        for (size_t u = 0; u < n_units; ++u) {
+            while (step_of(blks[b], u) < steps.size() && age(blks[b]) >= (int64_t) steps[step_of(blks[b], u)].age) {
+                take_step(b, u);
             }
         }
-        if (next == blks.size()) {
+    }
+    if (budget != 0 && total > budget) {
+        // Every unit that can still coarsen, in the order it does, each down its whole ladder before
+        // the next: the oldest first. With guidance a head ages faster the less it attends to the
+        // blocks (its mean relative attention over them), so the heads that concentrate on recent
+        // tokens give up old detail first and those that read far back keep it.
+        std::vector<double> head_attention(n_units, 0.0), head_seen(n_units, 0.0);
+        for (size_t b = 0; b < blks.size() && guided(); ++b) {
+            for (size_t u = 0; u < n_units; ++u) {
+                if (const float a = importance(b, u); std::isfinite(a)) {
+                    head_attention[u] += a;
+                    head_seen[u] += 1;
+                }
+            }
+        }
+        double all_attention = 0, all_seen = 0;
+        for (size_t u = 0; u < n_units; ++u) {
+            all_attention += head_attention[u];
+            all_seen += head_seen[u];
+        }
+        std::vector<std::pair<size_t, size_t>> order;
+        std::vector<double> effective_age;
+        for (size_t b = 0; b < blks.size(); ++b) {
+            for (size_t u = 0; u < n_units; ++u) {
+                if (step_of(blks[b], u) < steps.size()) {
+                    const double rate = head_seen[u] > 0 && all_attention > 0
+                        ? std::clamp(all_attention / all_seen * head_seen[u] / std::max(head_attention[u], 1e-9),
+                                     1 / kMaxHeadRate, kMaxHeadRate)
+                        : 1.0;
+                    order.emplace_back(b, u);
+                    effective_age.push_back((double) (age(blks[b]) + 1) * rate);
+                }
+            }
+        }
+        std::vector<size_t> rank(order.size());
+        for (size_t i = 0; i < rank.size(); ++i) {
+            rank[i] = i;
+        }
+        std::stable_sort(rank.begin(), rank.end(), [&](size_t i, size_t j) { return effective_age[i] > effective_age[j]; });
+        for (size_t i = 0; i < rank.size() && total > budget; ++i) {
+            const auto [b, u] = order[rank[i]];
+            while (total > budget && step_of(blks[b], u) < steps.size()) {
+                take_step(b, u);
+            }
+        }
+        if (total > budget) {
             // init_budget() sized the budget for n_ctx at the coarsest step, so this is a bug
             fprintf(stderr, "kvggml: error: %llu bytes exceed OLLAMA_KV_COMPRESSION_BUDGET (%llu) with every block "
                     "at its coarsest\n", (unsigned long long) total, (unsigned long long) budget);
-            break;
         }
-        take_step(next);
     }
 
     if (std::all_of(recoded.begin(), recoded.end(), [](const auto & r) { return r.empty(); })) {
@@ -153,7 +225,7 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
     std::vector<const std::vector<uint8_t> *> with(blks.size());
     for (size_t s = 0; s < n_streams; ++s) {
         for (size_t b = 0; b < blks.size(); ++b) {
-            with[b] = recoded[b].empty() ? nullptr : &recoded[b][s];
+            with[b] = recoded[b].empty() || recoded[b][s].empty() ? nullptr : &recoded[b][s];
         }
         stream(s).rewrite(keep, with);
     }

@@ -53,6 +53,8 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         write(blks[b].pos.data(), blks[b].pos.size() * sizeof(llama_pos));
         write(blks[b].moved.data(), blks[b].moved.size() * sizeof(llama_pos));
         put(blks[b].step);
+        put((uint32_t) blks[b].head_steps.size());
+        write(blks[b].head_steps.data(), blks[b].head_steps.size());
         for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
             for (const Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
                 put((uint32_t) (s->offsets[b + 1] - s->offsets[b]));
@@ -95,7 +97,11 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
     const uint32_t B = cfg.block_tokens();
-    expect("format version", kStateVersion);
+    const uint32_t version = get();
+    if (version != kStateVersion && version != 3) {
+        throw std::runtime_error("kvggml: the saved state's format version is " + std::to_string(version) +
+                                 ": this library reads 3 and " + std::to_string(kStateVersion));
+    }
     expect("Haar level (OLLAMA_KV_COMPRESSION_LEVEL)", cfg.level);
     expect("number of cache layers", (uint32_t) k_streams.size());
     expect("K width", hp.n_embd_k_gqa(il0));
@@ -118,6 +124,18 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
         // the step counts the saving context's ladder; the widths travel in the block's bytes, so
         // a shorter ladder here only means the block coarsens no further
         blk.step = std::min<uint32_t>(get(), (uint32_t) steps.size());
+        if (version >= 4) {
+            const uint32_t n_heads = get();
+            if (n_heads != 0 && n_heads != k_streams.size() * n_heads_kv) {
+                throw std::runtime_error(where + ": steps of " + std::to_string(n_heads) + " heads, this context has " +
+                                         std::to_string(k_streams.size() * n_heads_kv) + " (or 0)");
+            }
+            blk.head_steps.resize(n_heads);
+            read(blk.head_steps.data(), n_heads);
+            for (uint8_t & step : blk.head_steps) {
+                step = (uint8_t) std::min<uint32_t>(step, (uint32_t) steps.size());
+            }
+        }
         if (blk.empty() || std::any_of(blk.pos.begin(), blk.pos.end(), [](llama_pos p) { return p < -1; })) {
             throw std::runtime_error(where + ": invalid positions");
         }

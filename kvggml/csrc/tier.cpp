@@ -124,6 +124,13 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
     }
     update_params();
     n_heads_kv = hp.n_head_kv(il0);
+    for (const uint32_t width : {hp.n_embd_k_gqa(il0), hp.n_embd_v_gqa(il0)}) {
+        if (cfg.guidance && (width / n_heads_kv) % kGroup != 0) {
+            throw std::invalid_argument("OLLAMA_KV_COMPRESSION_GUIDANCE=1 steps each KV head on its own, which needs "
+                                        "heads of a multiple of " + std::to_string(kGroup) + " channels; this model's "
+                                        "are " + std::to_string(width / n_heads_kv) + ": use OLLAMA_KV_COMPRESSION_GUIDANCE=0");
+        }
+    }
     k_streams.resize(n_layer);
     v_streams.resize(n_layer);
     views.reserve(2 * n_layer);
@@ -166,6 +173,10 @@ void Tier::update_params() {
     const uint32_t il0 = kv.layers.front().il;
     params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k);
     params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v);
+}
+
+int32_t Tier::model_layer(size_t ikv) const {
+    return (int32_t) kv.layers[ikv].il;
 }
 
 const LayerView * Tier::view(int32_t il, bool is_v) const {

@@ -39,14 +39,18 @@ namespace kvggml {
 // A saved state's compressed section starts with this word where llama.cpp's starts with its
 // stream count (docs/FORMAT.md, "Saved state").
 constexpr uint32_t kStateMagic   = 0x5447564B;  // "KVGT"
-constexpr uint32_t kStateVersion = 3;
+constexpr uint32_t kStateVersion = 4;
 
 // One compressed block: B tokens of one sequence, encoded together.
 struct Block {
     llama_seq_id seq;
     std::vector<llama_pos> pos;    // per token: its position, or -1 once removed
     std::vector<llama_pos> moved;  // per token: how far it was moved since encoding (RoPE owed to its key)
-    uint32_t step = 0;             // steps of the hierarchy's ladder taken (Config::ladder()); 0: as encoded
+    uint32_t step = 0;             // steps of the hierarchy's ladder taken (Config::ladder()); 0: as encoded.
+                                   // With per-head steps, the most any head took.
+    // Guidance steps each KV head of each layer on its own: per cache layer and KV head, the steps
+    // its channels took. Empty while every head is at `step`.
+    std::vector<uint8_t> head_steps{};
     // Guidance (tier-guidance.cpp): per cache layer and KV head, the decayed sum of the attention
     // sampled queries gave this block, relative to an even spread (1: its share of the blocks they
     // saw); `observed` is the decayed count of those queries. Empty and 0 until first observed.
@@ -204,8 +208,16 @@ public:
     bool guided() const { return cfg.guidance && !steps.empty(); }
     void prepare_gathering();  // at graph build: `gathered` sized for the blocks now
     void gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const;
-    // Block b's mean relative attention over layers, heads and queries; +inf before any query saw it.
-    float importance(size_t b) const;
+    // Block b's relative attention from one KV head of one layer (unit: layer * KV heads + head),
+    // or with SIZE_MAX the mean over them all; +inf before any query saw it.
+    float importance(size_t b, size_t unit) const;
+    // The steps the channels of unit (as above) took in blk.
+    uint32_t head_step(const Block & blk, size_t unit) const;
+    // Bits of unit's K and V channels in block b: their scales and values (channel_payload_bits).
+    uint64_t head_payload_bits(size_t b, size_t unit) const;
+    size_t kv_heads() const { return n_heads_kv; }
+    size_t n_layers() const { return k_streams.size(); }  // cache layers
+    int32_t model_layer(size_t ikv) const;                 // the model's index of cache layer ikv
 
     llama_kv_cache & kv;
     std::atomic<uint64_t> encode_us{0};

@@ -71,6 +71,7 @@ def main() -> None:
             report["segments"] = native.get_segments(run.ctx, 0)
             report["bitmap"] = native.get_bitmap(run.ctx, 0)
             report["step_map"] = native.get_step_map(run.ctx, 0)
+            report["heads"] = native.get_head_reports(run.ctx, 0)
             callback.close()
         report["n_ctx"] = llama_cpp.llama_n_ctx(run.ctx)
         report["can_shift"] = bool(llama_cpp.llama_memory_can_shift(run.memory))

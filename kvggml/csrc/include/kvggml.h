@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 5
+#define KVGGML_VERSION_MINOR 6
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -114,6 +114,14 @@ KVGGML_API int64_t kvggml_codec_coarsen_block(const uint8_t * data, size_t size,
                                               const uint8_t * bits, size_t n_bits, uint8_t * out,
                                               size_t out_capacity);
 
+// Coarsen the channels [c0, c1) of one block only (docs/FORMAT.md, section 11), as the hierarchy
+// does to one KV head: c0 and c1 are multiples of the block's group size, and each bits[k] is 0
+// (the subband is dropped from those channels) or the block's own width. The whole range
+// [0, channels) is kvggml_codec_coarsen_block. KVGGML_ERROR_ARGUMENT for a range not allowed.
+KVGGML_API int64_t kvggml_codec_coarsen_channels(const uint8_t * data, size_t size, int32_t channels,
+                                                 const uint8_t * bits, size_t n_bits, int32_t c0, int32_t c1,
+                                                 uint8_t * out, size_t out_capacity);
+
 //
 // a llama_context with compression (OLLAMA_KV_COMPRESSION=1)
 //
@@ -172,6 +180,28 @@ KVGGML_API int64_t kvggml_get_bitmap(const struct llama_context * ctx, int32_t s
 // Writes n_bytes bytes and returns the number of meaningful slots, or a negative error code.
 KVGGML_API int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, uint8_t * steps,
                                        size_t n_bytes);
+
+// What one KV head of one layer received from the hierarchy (per-head rates, README "The
+// hierarchy"). With OLLAMA_KV_COMPRESSION_GUIDANCE=1 each head steps on its own, in the order of
+// the attention its sampled queries gave each block; without, every head of a block shares the
+// block's step.
+typedef struct kvggml_head_report {
+    int32_t  layer;      // model layer
+    int32_t  head;       // KV head of that layer
+    float    attention;  // mean over the blocks its queries saw of its decayed relative attention to
+                         // them (1: an even spread over the tokens a query sees); NaN when none
+                         // was sampled (guidance off, or no sampled query yet)
+    uint32_t blocks;     // compressed blocks of the sequence
+    uint32_t steps;      // ladder steps its channels took, summed over those blocks
+    uint64_t bytes;      // its K and V channels' scales and values in those blocks (their headers
+                         // and presence bitmaps are the layer's, shared by its heads)
+} kvggml_head_report;
+
+// One report per cache layer and KV head, layer-major, for the blocks of sequence seq_id (-1:
+// every sequence). Writes at most `capacity` to out (NULL when capacity is 0) and returns how
+// many there are (cache layers x KV heads), or a negative error code.
+KVGGML_API int64_t kvggml_get_head_reports(const struct llama_context * ctx, int32_t seq_id,
+                                           kvggml_head_report * out, size_t capacity);
 
 // A block was just compressed (step 0: encoded, its cells freed) or coarsened (step s >= 1:
 // re-encoded at the hierarchy's step s). Called on the thread that runs llama_decode, once per
