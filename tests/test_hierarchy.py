@@ -31,6 +31,19 @@ def test_the_library_refuses_a_bad_hierarchy_setting_as_python_does(tmp_path, na
     assert f"kvggml: error: {err.value}" in report["stderr"]
 
 
+def test_guidance_refuses_a_schedule_step_that_narrows_a_subband(tmp_path):
+    # guidance steps each KV head on its own, and a head can only drop a subband (FORMAT section 11)
+    env = {"OLLAMA_KV_COMPRESSION_GUIDANCE": "1", "OLLAMA_KV_COMPRESSION_SCHEDULE": "512:6.4.3.3.0,1024:6.4.3.2.0"}
+    with pytest.raises(ConfigError) as err:
+        CompressionConfig.from_env(env)
+    assert "step '1024:6.4.3.2.0' narrows subband 3 from 3 to 2 bits" in str(err.value)
+    assert "a step may only drop subbands: 0 or 3" in str(err.value)
+    report = probe(tmp_path, "patched", {**ON, **env}, logits_last=0)
+    assert "could not create a context" in report["error"]
+    assert f"kvggml: error: {err.value}" in report["stderr"]
+    assert CompressionConfig.from_env({**env, "OLLAMA_KV_COMPRESSION_GUIDANCE": "0"}).schedule
+
+
 def test_a_budget_that_cannot_hold_n_ctx_is_refused_with_the_least_it_needs(tmp_path):
     report = probe(tmp_path, "patched", {**ON, "OLLAMA_KV_COMPRESSION_BUDGET": "0.1"}, logits_last=0)
     assert "could not create a context" in report["error"]
@@ -116,7 +129,9 @@ def test_guidance_keeps_a_passage_read_again_finer_than_age_order_does(tmp_path)
     filled = probe(tmp_path, "patched", ON, n_ctx=4096, tokens=prefix, logits_last=0)["stats"]
     budget = {"OLLAMA_KV_COMPRESSION_BUDGET": str(filled["exact_bytes"] + filled["compressed_bytes"])}
     runs = {
-        guided: probe(tmp_path, "patched", {**ON, **budget, "OLLAMA_KV_COMPRESSION_GUIDANCE": guided}, **args)
+        guided: probe(
+            tmp_path, "patched", {**ON, **budget, "OLLAMA_KV_COMPRESSION_GUIDANCE": guided}, **args, restore=True
+        )
         for guided in ("0", "1")
     }
 
@@ -140,7 +155,15 @@ def test_guidance_keeps_a_passage_read_again_finer_than_age_order_does(tmp_path)
     attention = np.array([h["attention"] for h in guided["heads"]])
     steps = np.array([h["steps"] for h in guided["heads"]], float)
     assert np.corrcoef(np.argsort(np.argsort(attention)), np.argsort(np.argsort(steps)))[0, 1] < -0.5
-    assert steps.max() > 2 * steps.min()
+    # measured: heads that barely look back coarsened every block to the end of the ladder (3 steps
+    # each), the most attentive kept every block as encoded
+    n_blocks = guided["heads"][0]["blocks"]
+    assert steps.min() == 0 and steps.max() > 2 * n_blocks
+    # a saved state carries each head's steps (version 4): loaded back, every head holds what it did
+    for report in (age, guided):
+        restored = report["restored_heads"]
+        assert [(h["steps"], h["bytes"]) for h in restored] == [(h["steps"], h["bytes"]) for h in report["heads"]]
+        assert report["restored_logits_equal"]
     # age order takes the passage's old blocks down first; guidance keeps more of them
     assert mean_bytes(age, True) < mean_bytes(age, False)
     assert mean_bytes(guided, True) > 1.2 * mean_bytes(age, True)

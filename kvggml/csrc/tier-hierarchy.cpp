@@ -28,10 +28,6 @@ namespace kvggml {
 
 namespace {
 
-// How much faster than the mean a head may age (and how much slower): uncapped, the heads that
-// barely look back gave up even their youngest blocks' detail under a tight budget.
-constexpr double kMaxHeadRate = 4.0;
-
 std::string widths_text(const SubbandBits & bits, uint32_t level) {
     std::string text;
     for (uint32_t k = 0; k <= level; ++k) {
@@ -181,20 +177,13 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
                 }
             }
         }
-        double all_attention = 0, all_seen = 0;
-        for (size_t u = 0; u < n_units; ++u) {
-            all_attention += head_attention[u];
-            all_seen += head_seen[u];
-        }
         std::vector<std::pair<size_t, size_t>> order;
         std::vector<double> effective_age;
         for (size_t b = 0; b < blks.size(); ++b) {
             for (size_t u = 0; u < n_units; ++u) {
                 if (step_of(blks[b], u) < steps.size()) {
-                    const double rate = head_seen[u] > 0 && all_attention > 0
-                        ? std::clamp(all_attention / all_seen * head_seen[u] / std::max(head_attention[u], 1e-9),
-                                     1 / kMaxHeadRate, kMaxHeadRate)
-                        : 1.0;
+                    // uncapped: capping the rate at 4x either way cost KLD (README, "Guidance")
+                    const double rate = head_seen[u] > 0 ? head_seen[u] / std::max(head_attention[u], 1e-9) : 1.0;
                     order.emplace_back(b, u);
                     effective_age.push_back((double) (age(blks[b]) + 1) * rate);
                 }

@@ -5,7 +5,8 @@ their own environment run this file:
     python tests/scripts/probe.py '{"n_ctx": 1024, "tokens": 700, "logits_last": 64, "out": "x.npy"}'
 (optional: "repeat": [first, end] appends tokens[first:end] again after the tokens; "tail_batch": the
 last logits_last tokens in micro-batches of this many; "threads": ggml threads, 2 unless given;
-"model": "gemma3" for Gemma 3 270M instead of the default model)
+"model": "gemma3" for Gemma 3 270M instead of the default model; "restore": save the sequence's
+state at the end, score a token, load the state back and report whether the token scores the same)
 Environment: KVGGML_LIB and OLLAMA_KV_COMPRESSION* as the test sets them.
 """
 
@@ -72,6 +73,13 @@ def main() -> None:
             report["bitmap"] = native.get_bitmap(run.ctx, 0)
             report["step_map"] = native.get_step_map(run.ctx, 0)
             report["heads"] = native.get_head_reports(run.ctx, 0)
+        if args.get("restore"):  # save the sequence, score one token, load it back, score it again
+            saved, n_held = run.get_state(), len(tokens)
+            report["restored_state_bytes"] = len(saved)
+            first = run.decode(tokens[:1], n_held, want_logits=True)
+            run.set_state(saved)
+            report["restored_heads"] = native.get_head_reports(run.ctx, 0)
+            report["restored_logits_equal"] = bool(np.array_equal(first, run.decode(tokens[:1], n_held, want_logits=True)))
             callback.close()
         report["n_ctx"] = llama_cpp.llama_n_ctx(run.ctx)
         report["can_shift"] = bool(llama_cpp.llama_memory_can_shift(run.memory))
