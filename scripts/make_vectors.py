@@ -4,8 +4,8 @@
 Valid cases: <case>.in.bin (f16 input), <case>.bin (encoded block), <case>.out.bin (decoded f32),
 listed with their configuration in manifest.txt. Coarsened blocks (FORMAT.md section 10):
 coarsen/<case>.bin, listed in coarsen/manifest.txt with the case they come from, the channels
-that change (section 11) and their widths. Malformed blocks: invalid/<defect>.bin, listed in invalid/manifest.txt with a word the
-reference's error message contains.
+that change (section 11) and their widths. Malformed blocks: invalid/<defect>.bin, listed in
+invalid/manifest.txt with a word the reference's error message contains.
 Deterministic: rerunning rewrites identical files.
 """
 

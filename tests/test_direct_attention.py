@@ -25,6 +25,8 @@ ARGS = dict(tail_batch=1, logits_last=48)
 DIRECT, REFERENCE = {"OLLAMA_KV_COMPRESSION_DIRECT": "1"}, {"OLLAMA_KV_COMPRESSION_DIRECT": "0"}
 # a budget that coarsens most old blocks: blocks of mixed levels, with dropped subbands
 MIXED = {"OLLAMA_KV_COMPRESSION_BUDGET": "0.245"}
+# guidance under that budget: each KV head of a block steps on its own (FORMAT.md section 11)
+PER_HEAD = {**MIXED, "OLLAMA_KV_COMPRESSION_GUIDANCE": "1"}
 # guidance on, under a budget this prompt never reaches: the same blocks as without it
 GUIDED = {"OLLAMA_KV_COMPRESSION_GUIDANCE": "1", "OLLAMA_KV_COMPRESSION_BUDGET": "0.9"}
 
@@ -42,6 +44,10 @@ def runs(tmp_path_factory):
         "mixed-direct": probe(tmp, "patched", {**ON, **DIRECT, **MIXED}, **ARGS),
         "mixed-reference": probe(tmp, "patched", {**ON, **REFERENCE, **MIXED}, **ARGS),
         "guided-direct": probe(tmp, "patched", {**ON, **DIRECT, **GUIDED}, **ARGS),
+        **{
+            f"per-head-{name}": probe(tmp, "patched", {**ON, **path, **PER_HEAD}, callback="record", **ARGS)
+            for name, path in (("direct", DIRECT), ("reference", REFERENCE))
+        },
     }
 
 
@@ -85,6 +91,16 @@ def test_coarsened_blocks_attend_directly_with_fewer_rows(runs):
     assert mixed["compressed_bytes"] < 0.8 * runs["direct"]["stats"]["compressed_bytes"]
     yardstick = mean_kld(runs["reference"]["logits"], runs["reference-no-fa"]["logits"])
     assert mean_kld(runs["mixed-reference"]["logits"], runs["mixed-direct"]["logits"]) < 2 * yardstick
+
+
+def test_blocks_coarsened_head_by_head_attend_directly(runs):
+    # the heads of one block hold different subbands: a dropped head's groups are absent, not its rows
+    direct, reference = runs["per-head-direct"], runs["per-head-reference"]
+    steps = [h["steps"] for h in direct["heads"]]
+    assert min(steps) < max(steps) and direct["stats"]["coarsenings"] > 0
+    assert [h["bytes"] for h in direct["heads"]] == [h["bytes"] for h in reference["heads"]]
+    yardstick = mean_kld(runs["reference"]["logits"], runs["reference-no-fa"]["logits"])
+    assert mean_kld(reference["logits"], direct["logits"]) < 2 * yardstick
 
 
 def test_direct_attention_gives_the_same_bits_on_any_thread_count(runs):

@@ -250,6 +250,8 @@ def test_the_api_names_each_bad_argument():
         "get_stats(ctx, NULL)": "ctx and out must not be NULL",
         "get_segments(NULL)": "ctx is NULL",
         "get_segments(out NULL, capacity 4)": "out is NULL with a capacity above 0",
+        "get_head_reports(NULL)": "ctx is NULL",
+        "get_head_reports(out NULL, capacity 4)": "out is NULL with a capacity above 0",
         "get_bitmap(seq -1)": "seq_id must be 0 or above, and bits not NULL with n_bytes above 0",
         "get_bitmap(bits NULL, n_bytes 4)": "seq_id must be 0 or above, and bits not NULL with n_bytes above 0",
         "get_settings(NULL)": "ctx is NULL",
@@ -266,6 +268,11 @@ def test_the_api_names_each_bad_argument():
     # a buffer too small is no error: the count of all, and the first segment written
     assert out["get_segments(capacity 1)"][0] == (600 - 4 - WINDOW) // 16
     assert out["first_segment"] == [4, 20]
+    # 30 layers x 3 KV heads; the second is layer 0's head 1, over every block, none coarsened
+    assert out["get_head_reports(capacity 2)"][0] == 90
+    second = out["second_head"]
+    assert (second["layer"], second["head"], second["blocks"], second["steps"]) == (0, 1, (600 - 4 - WINDOW) // 16, 0)
+    assert second["bytes"] > 0
     assert out["native.get_stats(0)"] == "ctx is a null llama_context pointer"
     assert out["format_sequence(size 12)"][0] == len(out["format_sequence"]) > 12
     assert out["format_sequence(size 12) wrote"] == out["format_sequence"][:11]

@@ -148,7 +148,8 @@ def coarsen_block(data: bytes, bits: tuple[int, ...], channels: tuple[int, int] 
     c0, c1 = (0, block.channels) if channels is None else channels
     if not (0 <= c0 < c1 <= block.channels) or c0 % block.group or c1 % block.group:
         raise ValueError(
-            f"channel range [{c0}, {c1}) not allowed: multiples of the group size {block.group} within 0 to {block.channels}"
+            f"channel range [{c0}, {c1}) not allowed: multiples of the group size {block.group} "
+            f"within 0 to {block.channels}"
         )
     if (c0, c1) == (0, block.channels):
         block.bands = coarsen_bands(block.bands, tuple(bits))
@@ -167,7 +168,8 @@ def drop_from_channels(bands: list[Band | None], bits: tuple[int, ...], groups: 
         have = 0 if band is None else band.bits
         if width not in (0, have):
             raise ValueError(
-                f"bits out of range: subband {index} of width {have} can only be dropped (0) from a channel range, not {width}"
+                f"bits out of range: subband {index} of width {have} can only be dropped (0) from a channel range, "
+                f"not {width}"
             )
         if band is None or width:
             out.append(band)

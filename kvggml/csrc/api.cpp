@@ -45,13 +45,25 @@ const char * kvggml_last_error(void) {
     return last_error.c_str();
 }
 
-int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity) {
+namespace {
+
+// The tier of ctx for a call that lists records into out (at most capacity of them); nullptr,
+// with the error code in rc, when ctx has none or out is NULL with room asked for.
+const kvggml::Tier * tier_to_list(const llama_context * ctx, const void * out, size_t capacity, int64_t & rc) {
     const kvggml::Tier * tier = tier_of(ctx);
+    rc = tier == nullptr                   ? kvggml::argument_error(no_tier(ctx))
+         : out == nullptr && capacity > 0 ? kvggml::argument_error("out is NULL with a capacity above 0")
+                                           : KVGGML_OK;
+    return rc == KVGGML_OK ? tier : nullptr;
+}
+
+} // namespace
+
+int64_t kvggml_get_segments(const struct llama_context * ctx, int32_t seq_id, kvggml_segment * out, size_t capacity) {
+    int64_t rc = 0;
+    const kvggml::Tier * tier = tier_to_list(ctx, out, capacity, rc);
     if (tier == nullptr) {
-        return kvggml::argument_error(no_tier(ctx));
-    }
-    if (out == nullptr && capacity > 0) {
-        return kvggml::argument_error("out is NULL with a capacity above 0");
+        return rc;
     }
     const auto lock = tier->read_lock();
     std::vector<size_t> order;
@@ -132,12 +144,10 @@ int64_t kvggml_get_step_map(const struct llama_context * ctx, int32_t seq_id, ui
 
 int64_t kvggml_get_head_reports(const struct llama_context * ctx, int32_t seq_id, kvggml_head_report * out,
                                 size_t capacity) {
-    const kvggml::Tier * tier = tier_of(ctx);
+    int64_t rc = 0;
+    const kvggml::Tier * tier = tier_to_list(ctx, out, capacity, rc);
     if (tier == nullptr) {
-        return kvggml::argument_error(no_tier(ctx));
-    }
-    if (out == nullptr && capacity > 0) {
-        return kvggml::argument_error("out is NULL with a capacity above 0");
+        return rc;
     }
     const auto lock = tier->read_lock();
     const size_t n_heads = tier->kv_heads(), n_units = tier->n_layers() * n_heads;

@@ -73,14 +73,15 @@ def main() -> None:
             report["bitmap"] = native.get_bitmap(run.ctx, 0)
             report["step_map"] = native.get_step_map(run.ctx, 0)
             report["heads"] = native.get_head_reports(run.ctx, 0)
+            callback.close()
         if args.get("restore"):  # save the sequence, score one token, load it back, score it again
             saved, n_held = run.get_state(), len(tokens)
             report["restored_state_bytes"] = len(saved)
             first = run.decode(tokens[:1], n_held, want_logits=True)
             run.set_state(saved)
             report["restored_heads"] = native.get_head_reports(run.ctx, 0)
-            report["restored_logits_equal"] = bool(np.array_equal(first, run.decode(tokens[:1], n_held, want_logits=True)))
-            callback.close()
+            again = run.decode(tokens[:1], n_held, want_logits=True)
+            report["restored_logits_equal"] = bool(np.array_equal(first, again))
         report["n_ctx"] = llama_cpp.llama_n_ctx(run.ctx)
         report["can_shift"] = bool(llama_cpp.llama_memory_can_shift(run.memory))
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
