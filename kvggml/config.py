@@ -158,9 +158,9 @@ SETTINGS: dict[str, Setting] = {
     "guidance": Setting(
         "OLLAMA_KV_COMPRESSION_GUIDANCE",
         0,
-        "1: each KV head of each layer coarsens on its own, the least attended first (attention sampled "
-        "from one query in 64), not the oldest block; the schedule's steps may then only drop subbands "
-        "(README, The hierarchy)",
+        "1: under the budget each KV head of each layer coarsens on its own, oldest first, and a head "
+        "ages faster the less it attends to old blocks (attention sampled from one query in 64); the "
+        "schedule's steps may then only drop subbands (README, The hierarchy)",
         min=0,
         max=1,
     ),

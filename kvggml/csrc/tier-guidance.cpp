@@ -9,7 +9,8 @@
 // layer that attends to its recent tokens gives every block little. (Normalising over the
 // compressed tokens alone gave such a layer's blocks even shares: 0.0415 KLD against 0.0367,
 // README "Guidance".) The importance of one KV head of one layer in a block is the mean of that
-// over its queries, decayed so that recent queries count most; the hierarchy steps each head by it.
+// over its queries, decayed so that recent queries count most. The hierarchy ages each head by
+// its mean over the blocks (tier-hierarchy.cpp).
 
 #include "tier.h"
 

@@ -9,10 +9,10 @@
 //    the context is created, so this always ends within it.
 //
 // With OLLAMA_KV_COMPRESSION_GUIDANCE=1 each KV head of each layer steps on its own (section 11:
-// the head's channels drop a subband, the others keep it), and the budget takes the least
-// attended head of a block first (tier-guidance.cpp), the oldest among equals and those not yet
-// seen last. So a head that looks at its recent tokens gives up its old blocks' detail, while a
-// head that keeps reading an old passage keeps it: per-head rates, from the same statistics.
+// the head's channels drop a subband, the others keep it), and the budget orders the heads of
+// all blocks by effective age: the block's age times the head's rate, the inverse of its mean
+// attention to the blocks (tier-guidance.cpp). So a head that looks at its recent tokens gives
+// up its old blocks' detail first, while a head that reads far back keeps it: per-head rates.
 
 #include "tier.h"
 

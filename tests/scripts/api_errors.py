@@ -31,7 +31,8 @@ def main() -> None:
         record("get_head_reports(out NULL, capacity 4)", lib.kvggml_get_head_reports(ctx, 0, ffi.NULL, 4))
         heads = ffi.new("kvggml_head_report[]", 2)
         record("get_head_reports(capacity 2)", lib.kvggml_get_head_reports(ctx, 0, heads, 2))
-        out["second_head"] = {name: int(getattr(heads[1], name)) for name in ("layer", "head", "blocks", "steps", "bytes")}
+        fields = ("layer", "head", "blocks", "steps", "bytes")
+        out["second_head"] = {name: int(getattr(heads[1], name)) for name in fields}
         record("get_bitmap(seq -1)", lib.kvggml_get_bitmap(ctx, -1, ffi.NULL, 0))
         record("get_bitmap(bits NULL, n_bytes 4)", lib.kvggml_get_bitmap(ctx, 0, ffi.NULL, 4))
         record("get_settings(NULL)", lib.kvggml_get_settings(ffi.NULL, settings))
