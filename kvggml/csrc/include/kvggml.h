@@ -139,7 +139,7 @@ typedef struct kvggml_stats {
     uint64_t decode_us;         // time spent decoding blocks for attention (one thread's share), in total
     uint64_t budget_bytes;      // OLLAMA_KV_COMPRESSION_BUDGET in bytes (0: none): exact_bytes +
                                 // compressed_bytes stays at or below it after every micro-batch
-    uint64_t coarsenings;       // hierarchy steps taken by blocks, in total
+    uint64_t coarsenings;       // hierarchy steps taken by blocks, in total (with guidance, by one head of a block)
     uint64_t allocated_bytes;   // storage the blocks' streams hold: compressed_bytes and room to grow
 } kvggml_stats;
 
