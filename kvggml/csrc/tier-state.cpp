@@ -54,7 +54,9 @@ void Tier::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         write(blks[b].moved.data(), blks[b].moved.size() * sizeof(llama_pos));
         put(blks[b].step);
         put((uint32_t) blks[b].head_steps.size());
-        write(blks[b].head_steps.data(), blks[b].head_steps.size());
+        if (!blks[b].head_steps.empty()) {  // an empty vector's data() may be NULL, which io's memcpy must not get
+            write(blks[b].head_steps.data(), blks[b].head_steps.size());
+        }
         for (size_t ikv = 0; ikv < k_streams.size(); ++ikv) {
             for (const Stream * s : {&k_streams[ikv], &v_streams[ikv]}) {
                 put((uint32_t) (s->offsets[b + 1] - s->offsets[b]));
@@ -131,7 +133,9 @@ void Tier::state_read(llama_io_read_i & io, llama_seq_id seq_id, uint32_t & firs
                                          std::to_string(k_streams.size() * n_heads_kv) + " (or 0)");
             }
             blk.head_steps.resize(n_heads);
-            read(blk.head_steps.data(), n_heads);
+            if (n_heads != 0) {
+                read(blk.head_steps.data(), n_heads);
+            }
             for (uint8_t & step : blk.head_steps) {
                 step = (uint8_t) std::min<uint32_t>(step, (uint32_t) steps.size());
             }
