@@ -614,13 +614,13 @@ int64_t BlockCodec::coarsen(const uint8_t * data, size_t size, const uint8_t * b
     // group of it is left.
     const auto in_range = [&](int32_t g) { return g * G >= c0 && g * G < c1; };
     for (int32_t k = 0; k <= L && !whole; ++k) {
-        bool any = false;
         for (int32_t r = first_row(B, L, k); r < first_row(B, L, k) + rows_of(B, L, k) && bits[k] == 0; ++r) {
             for (int32_t g = 0; g < N; ++g) {
-                any = any || (!in_range(g) && group_scale[(size_t) r * N + g] != 0);
+                if (!in_range(g) && group_scale[(size_t) r * N + g] != 0) {
+                    widths[k] = h.bits[k];  // a group outside the range keeps the subband
+                }
             }
         }
-        widths[k] = bits[k] == 0 && any ? h.bits[k] : bits[k];
     }
     size_t n_groups = 0;
     scales.clear();

@@ -178,14 +178,7 @@ float Tier::importance(size_t b, size_t unit) const {
     if (blk.observed <= 0 || blk.attention.empty()) {
         return std::numeric_limits<float>::infinity();
     }
-    if (unit != SIZE_MAX) {
-        return blk.attention[unit] / blk.observed;
-    }
-    float sum = 0;
-    for (const float a : blk.attention) {
-        sum += a;
-    }
-    return sum / (float) blk.attention.size() / blk.observed;
+    return blk.attention[unit] / blk.observed;
 }
 
 } // namespace kvggml

@@ -216,7 +216,10 @@ void Tier::coarsen_old(std::vector<kvggml_event> & events) {
         for (size_t b = 0; b < blks.size(); ++b) {
             with[b] = recoded[b].empty() || recoded[b][s].empty() ? nullptr : &recoded[b][s];
         }
-        stream(s).rewrite(keep, with);
+        // a head's step recodes 2 of the streams: the others would be moved onto themselves
+        if (std::any_of(with.begin(), with.end(), [](const auto * w) { return w != nullptr; })) {
+            stream(s).rewrite(keep, with);
+        }
     }
     ++gen;
     encode_us += now_us() - t0;

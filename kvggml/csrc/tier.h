@@ -208,8 +208,8 @@ public:
     bool guided() const { return cfg.guidance && !steps.empty(); }
     void prepare_gathering();  // at graph build: `gathered` sized for the blocks now
     void gather_attention(const ScoreView & view, const ggml_tensor * dst, int ith, int nth) const;
-    // Block b's relative attention from one KV head of one layer (unit: layer * KV heads + head),
-    // or with SIZE_MAX the mean over them all; +inf before any query saw it.
+    // Block b's relative attention from one KV head of one layer (unit: layer * KV heads + head);
+    // +inf before any query saw it.
     float importance(size_t b, size_t unit) const;
     // The steps the channels of unit (as above) took in blk.
     uint32_t head_step(const Block & blk, size_t unit) const;
