@@ -308,3 +308,11 @@ def test_quality_at_the_end_of_each_context_scores_the_same_positions_for_every_
     assert hi["stats"]["compressed_tokens"] > 0 and f16["stats"] is None
     assert 1 < f16["ppl"] < q4_0["ppl"] * 1.5
     assert list(out.glob("kld-base-c1024-chunks2-last32.bin"))
+
+
+@pytest.mark.fast
+def test_readme_bench_sections_are_the_bench_outputs():
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "readme_results.py"), "--check"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
