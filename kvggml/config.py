@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from kvggml.presets import PRESETS, preset_bits
+from kvggml.presets import PRESETS_ALLOWED, is_preset, role_bits, widest_bits
 
 if TYPE_CHECKING:
     from kvggml.codecs import HaarCodec
@@ -84,6 +84,13 @@ def parse_schedule_text(env: str, raw: str) -> tuple[tuple[int, tuple[int, ...]]
     return tuple(steps)
 
 
+def parse_preset(env: str, raw: str) -> str:
+    value = raw.strip()
+    if not is_preset(value):
+        raise ConfigError(f"{env}={raw!r} is not allowed: expected {PRESETS_ALLOWED}")
+    return value
+
+
 def parse_budget(env: str, raw: str) -> tuple[int, float]:
     """(bytes, fraction of f16), one of them 0; the messages are the library's (kvggml/csrc/config.cpp)."""
     value = raw.strip()
@@ -127,8 +134,9 @@ SETTINGS: dict[str, Setting] = {
     "preset": Setting(
         "OLLAMA_KV_COMPRESSION_PRESET",
         "balanced",
-        "bits per wavelet subband (see Presets): fine (6.7 bits/element), hi (5.2), balanced (3.5), lo (3.4)",
-        choices=tuple(PRESETS),
+        "bits per wavelet subband (see Presets): fine (6.7 bits/element), hi (5.2), balanced (3.5), lo (3.4); "
+        "K/V gives keys and values presets of their own",
+        text=(PRESETS_ALLOWED, parse_preset),
     ),
     "sinks": Setting(
         "OLLAMA_KV_COMPRESSION_SINKS", 4, "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096
@@ -198,17 +206,18 @@ class CompressionConfig:
         none, the detail subbands dropped finest first (D_1, ..., D_{L-1}) at no age (the budget's alone)."""
         if self.schedule or self.budget == (0, 0.0):
             return self.schedule
-        bits, steps = list(preset_bits(self.preset, self.level)), []
+        bits, steps = list(widest_bits(self.preset, self.level)), []
         for k in range(self.level, 1, -1):
             bits[k] = 0
             steps.append(Step(0xFFFFFFFF, tuple(bits)))
         return tuple(steps)
 
-    def codec(self) -> HaarCodec:
-        """The codec the library applies with these settings."""
+    def codec(self, role: str) -> HaarCodec:
+        """The codec the library applies with these settings to K (role "k") or V ("v")."""
         from kvggml.codecs import HaarCodec  # numpy: only when asked, so reading settings stays light
 
-        return HaarCodec(levels=self.level, bits=preset_bits(self.preset, self.level), hadamard=self.hadamard)
+        bits = role_bits(self.preset, self.level)[role == "v"]
+        return HaarCodec(levels=self.level, bits=bits, hadamard=self.hadamard)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CompressionConfig:
@@ -239,7 +248,7 @@ def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
     """The parsed schedule checked against the level and preset, with the library's messages."""
     env = SETTINGS["schedule"].env
     what = f"{env}={raw!r}"
-    before, steps = preset_bits(values["preset"], values["level"]), []
+    before, steps = widest_bits(values["preset"], values["level"]), []
     for age, widths in values["schedule"] or ():
         item = f"{age}:{widths}"
         parts = widths.split(".")

@@ -181,16 +181,17 @@ def apply_policy(
     """The library's preset and hierarchy applied in place to the full-attention cache's old cells, as
     one sequence: (compressed elements, compressed bytes, compressed tokens, step of each block).
     The budget counts the exact cells the library allocates for this n_ctx and n_batch."""
-    codec, ladder = config.codec(), config.ladder()
+    codecs, ladder = {role: config.codec(role) for role in ("k", "v")}, config.ladder()
     widths = [step.bits for step in ladder]
     (stream,) = [s for s in state.streams if s.part == 0]
-    old = old_cells(stream, sinks, window, codec.block_tokens)
+    old = old_cells(stream, sinks, window, config.block_tokens)
     if len(old) == 0:
         return 0, 0, 0, np.zeros(0, np.int64)
     roles = stream.k + stream.v
     shape = lambda rows: (len(old), n_head_kv, rows.n_embd // n_head_kv)  # noqa: E731
-    sizes = sum(codec.ladder_sizes(codec.ladder(r.read(state.blob)[old].reshape(shape(r)), widths)) for r in roles)
-    ends = stream.positions[old].reshape(-1, codec.block_tokens).max(axis=1) + 1
+    ladder_of = lambda rows: codecs[rows.role].ladder(rows.read(state.blob)[old].reshape(shape(rows)), widths)  # noqa: E731
+    sizes = sum(codecs[r.role].ladder_sizes(ladder_of(r)) for r in roles)
+    ends = stream.positions[old].reshape(-1, config.block_tokens).max(axis=1) + 1
     ages = stream.positions.max() + 1 - ends
     per_token = sum(2 * r.n_embd for r in roles)
     cells = exact_cells(dataclasses.replace(config, sinks=sinks, threshold=window), n_ctx, n_batch)
@@ -198,8 +199,7 @@ def apply_policy(
     steps = block_steps(ladder, ages, sizes, cells * per_token, budget)
     for rows in roles:
         values = rows.read(state.blob)
-        block = values[old].reshape(shape(rows))
-        values[old] = codec.decode_ladder(codec.ladder(block, widths), steps, block.shape).reshape(len(old), -1)
+        values[old] = codecs[rows.role].decode_ladder(ladder_of(rows), steps, shape(rows)).reshape(len(old), -1)
         rows.write(state.blob, values)
     nbytes = int(sizes[np.arange(len(steps)), steps].sum())
     return len(old) * per_token // 2, nbytes, len(old), steps

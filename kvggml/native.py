@@ -15,6 +15,7 @@ from types import ModuleType
 from cffi import FFI
 
 from kvggml.library import loaded_library_path
+from kvggml.presets import PRESETS_ALLOWED
 
 HEADER = Path(__file__).resolve().parent / "csrc" / "include" / "kvggml.h"
 
@@ -254,7 +255,7 @@ def set_settings(ctx, **changes) -> dict:
         setattr(settings, name, value)
     preset = str(new["preset"]).encode()
     if len(preset) >= len(settings.preset):
-        raise ValueError(f"preset={new['preset']!r} is not allowed: expected one of fine, hi, balanced, lo")
+        raise ValueError(f"preset={new['preset']!r} is not allowed: expected {PRESETS_ALLOWED}")
     settings.preset = preset
     lib = open_library()
     if lib.kvggml_set_settings(_pointer(ctx), settings) < 0:

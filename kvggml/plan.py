@@ -218,13 +218,13 @@ def stock_footprint(shape: KVShape, cache_type: str, n_ctx: int) -> Footprint:
 
 
 @functools.lru_cache
-def block_bytes(config: CompressionConfig, channels: int) -> int:
-    """Encoded size of one block of `channels` values per token with every group present. Real K and V
-    can be a few bytes smaller: a detail group that is all zero (the V of a token repeated next to
+def block_bytes(config: CompressionConfig, channels: int, role: str) -> int:
+    """Encoded size of one block of K's (role "k") or V's `channels` values per token, every group
+    present. Real K and V can be a few bytes smaller: a detail group that is all zero (the V of a token repeated next to
     itself) is not stored. The rotation does not change the size, so none is applied."""
     import numpy as np
 
-    codec = dataclasses.replace(config, hadamard=False).codec()
+    codec = dataclasses.replace(config, hadamard=False).codec(role)
     block = np.random.default_rng(0).standard_normal((config.block_tokens, channels)).astype(np.float32)
     return len(codec.encode_block(block, channels))
 
@@ -242,7 +242,7 @@ def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_re
     n_read = n_ctx if n_read is None else n_read
     old = max(0, n_read - config.sinks - config.threshold) // config.block_tokens  # whole blocks
     per_block = sum(
-        block_bytes(config, k) + block_bytes(config, v)
+        block_bytes(config, k, "k") + block_bytes(config, v, "v")
         for k, v, s in zip(shape.k_widths, shape.v_widths, shape.sliding, strict=True)
         if not s
     )

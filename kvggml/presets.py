@@ -15,6 +15,31 @@ PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
 }
 
 
+# What OLLAMA_KV_COMPRESSION_PRESET allows: a preset, or K's and V's (keys are the sensitive half).
+PRESETS_ALLOWED = f"one of {', '.join(PRESETS)}, or two of them as K/V, K's preset then V's (e.g. hi/lo)"
+
+
+def split_preset(preset: str) -> tuple[str, str]:
+    """K's and V's preset: "hi/lo" -> ("hi", "lo"), "hi" -> ("hi", "hi")."""
+    k, slash, v = preset.partition("/")
+    return (k, v) if slash else (preset, preset)
+
+
+def is_preset(preset: str) -> bool:
+    return all(name in PRESETS for name in split_preset(preset))
+
+
+def role_bits(preset: str, levels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Widths of K's and of V's preset (a preset or K/V)."""
+    k, v = split_preset(preset)
+    return preset_bits(k, levels), preset_bits(v, levels)
+
+
+def widest_bits(preset: str, levels: int) -> tuple[int, ...]:
+    """Per subband the wider of K's and V's widths: where a schedule and the budget's ladder start."""
+    return tuple(map(max, *role_bits(preset, levels)))
+
+
 def preset_bits(preset: str, levels: int) -> tuple[int, ...]:
     """Widths [A_L, D_L, ..., D_1] of a preset at `levels` levels."""
     approximation, detail = PRESETS[preset]

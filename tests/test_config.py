@@ -44,6 +44,20 @@ def test_hierarchy_settings_are_parsed():
     assert CompressionConfig.from_env({}).ladder() == ()
 
 
+def test_keys_and_values_take_presets_of_their_own():
+    config = CompressionConfig.from_env(
+        {"OLLAMA_KV_COMPRESSION_PRESET": "hi/lo", "OLLAMA_KV_COMPRESSION_BUDGET": "0.2"}
+    )
+    assert config.codec("k").bits == (8, 7, 6, 5, 4) and config.codec("v").bits == (4, 3, 3, 3, 3)
+    # the budget's ladder starts from the wider of the two in each subband; each stream keeps its own widths
+    assert [s.bits for s in config.ladder()] == [(8, 7, 6, 5, 0), (8, 7, 6, 0, 0), (8, 7, 0, 0, 0)]
+    assert CompressionConfig.from_env({"OLLAMA_KV_COMPRESSION_PRESET": "lo/hi"}).ladder() == ()
+    # a schedule may start from either role's widths, no wider than the wider of them
+    env = {"OLLAMA_KV_COMPRESSION_PRESET": "balanced/hi", "OLLAMA_KV_COMPRESSION_SCHEDULE": "2048:8.7.6.5.0"}
+    assert CompressionConfig.from_env(env).schedule == (Step(2048, (8, 7, 6, 5, 0)),)
+    assert CompressionConfig.from_env(config.to_env()) == config
+
+
 BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION", "2", "out of range: expected an integer from 0 to 1"),
     ("OLLAMA_KV_COMPRESSION", "yes", "is not an integer: expected an integer from 0 to 1"),
@@ -51,7 +65,14 @@ BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION_THRESHOLD", "512.5", "is not an integer"),
     ("OLLAMA_KV_COMPRESSION_LEVEL", "0", "out of range: expected an integer from 1 to 6"),
     ("OLLAMA_KV_COMPRESSION_LEVEL", "7", "out of range: expected an integer from 1 to 6"),
-    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "is not allowed: expected one of fine, hi, balanced, lo"),
+    ("OLLAMA_KV_COMPRESSION_PRESET", "max", "is not allowed: expected one of fine, hi, balanced, lo, or two of them"),
+    (
+        "OLLAMA_KV_COMPRESSION_PRESET",
+        "hi/max",
+        "is not allowed: expected one of fine, hi, balanced, lo, or two of them",
+    ),
+    ("OLLAMA_KV_COMPRESSION_PRESET", "hi/lo/lo", "is not allowed: expected one of fine, hi, balanced, lo, or two"),
+    ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:8.7.6.5.0", "widens subband 0"),
     ("OLLAMA_KV_COMPRESSION_SINKS", "99999", "out of range: expected an integer from 0 to 4096"),
     ("OLLAMA_KV_COMPRESSION_HADAMARD", "on", "is not an integer: expected an integer from 0 to 1"),
     ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048", "is not a schedule: expected AGE:WIDTHS steps"),

@@ -90,12 +90,15 @@ def test_the_budget_holds_after_every_micro_batch_while_the_context_fills():
     assert out["totals"][-1] > 0.97 * stats["budget_bytes"]
 
 
-def test_the_offline_evaluator_runs_the_same_policy(tmp_path, llama_cpp, model_path, text, monkeypatch):
+@pytest.mark.parametrize("preset", ["balanced", "hi/lo"])
+def test_the_offline_evaluator_runs_the_same_policy(tmp_path, llama_cpp, model_path, text, monkeypatch, preset):
     from kvggml.evaluate import Row, evaluate
 
     n_prefill, n_score = 2048, 512
-    # the schedule's later steps are the budget's: no block is that old
+    # the schedule's later steps are the budget's: no block is that old. With hi/lo each step
+    # narrows K and V to at most its widths, each from its own preset's.
     hierarchy = {
+        "OLLAMA_KV_COMPRESSION_PRESET": preset,
         "OLLAMA_KV_COMPRESSION_SCHEDULE": "1024:6.4.3.3.0,1000000:6.4.3.0.0,2000000:6.4.0.0.0",
         # the exact cells (all 2560: a 2048-token batch) and 4.5 MB of blocks
         "OLLAMA_KV_COMPRESSION_BUDGET": str(2560 * 23040 + 4_500_000),

@@ -108,28 +108,33 @@ def test_flash_attention_off_reads_the_same_tier(runs):
     assert 0 < kld_no_fa < 2 * kld_fa
 
 
-def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, model_path, text):
+@pytest.mark.parametrize("preset", ["balanced", "hi/lo"])
+def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, model_path, text, preset):
+    from kvggml.config import CompressionConfig
     from kvggml.evaluate import Row, evaluate
 
     n_prefill, n_score = 2048, 512
+    env = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_PRESET": preset}
     # the prefix in one micro-batch, as the offline evaluator reads it: compression happens after
     # it, so both runs compress the same exact K/V and differ only in where the codec runs
     args = dict(n_ctx=n_prefill + n_score, n_batch=n_prefill, tokens=n_prefill + n_score, logits_last=n_score)
     stock = probe(tmp_path, "stock", **args)
-    native = probe(tmp_path, "patched", {"OLLAMA_KV_COMPRESSION": "1"}, **args)
+    native = probe(tmp_path, "patched", env, **args)
     offline = evaluate(
         llama_cpp,
         model_path,
         text,
-        [Row.parse("haar")],
+        [Row("kvggml", policy=CompressionConfig.from_env(env))],
         n_prefill=n_prefill,
         n_score=n_score,
         window=512,
         sinks=4,
         n_threads=2,
     )["rows"][0]
-    # the same blocks, the same codec bit for bit: same tokens compressed, KLD within 20 %
+    # the same blocks, the same codec bit for bit (K at K's widths, V at V's): the same tokens and
+    # bytes compressed, KLD within 20 %
     assert native["stats_after_prefix"]["compressed_tokens"] == offline["compressed_tokens"] == 1520
+    assert native["stats_after_prefix"]["compressed_bytes"] == offline["compressed_bytes"]
     native_kld = mean_kld(stock["logits"], native["logits"])
     assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
 
@@ -150,7 +155,14 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
         (
             "OLLAMA_KV_COMPRESSION_PRESET",
             "max",
-            "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of fine, hi, balanced, lo",
+            "OLLAMA_KV_COMPRESSION_PRESET='max' is not allowed: expected one of fine, hi, balanced, lo, or two of "
+            "them as K/V, K's preset then V's (e.g. hi/lo)",
+        ),
+        (
+            "OLLAMA_KV_COMPRESSION_PRESET",
+            "hi/max",
+            "OLLAMA_KV_COMPRESSION_PRESET='hi/max' is not allowed: expected one of fine, hi, balanced, lo, or two "
+            "of them as K/V, K's preset then V's (e.g. hi/lo)",
         ),
     ],
 )

@@ -1,6 +1,7 @@
 """The caches a bench compares: stock llama.cpp's cache types and kvggml's presets, with hierarchy settings.
 
-A variant is a name of VARIANTS, optionally followed by settings of the hierarchy, each
+A variant is a name of VARIANTS (or "kvggml K/V": a preset for keys and one for values),
+optionally followed by settings of the hierarchy, each
 `;NAME=VALUE` for OLLAMA_KV_COMPRESSION_NAME: "kvggml balanced;SCHEDULE=4096:6.4.3.3.0;BUDGET=0.25".
 Each one runs in processes of its own, on the stock or the patched build of the same pinned llama.cpp.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from kvggml.config import SETTINGS, CompressionConfig
 from kvggml.library import library_dir
-from kvggml.presets import PRESETS
+from kvggml.presets import PRESETS, is_preset
 
 # name -> (library, cache type, compression preset or None)
 VARIANTS: dict[str, tuple[str, str, str | None]] = {
@@ -43,12 +44,16 @@ class Variant:
     def parse(cls, label: str) -> Variant:
         """A variant, or ValueError naming it and what is allowed (before anything is measured)."""
         name, *settings = label.split(";")
-        if name not in VARIANTS:
+        kv_preset = name.removeprefix("kvggml ")
+        if name in VARIANTS:
+            library, cache_type, preset = VARIANTS[name]
+        elif name.startswith("kvggml ") and is_preset(kv_preset):  # K's and V's presets: "kvggml hi/lo"
+            library, cache_type, preset = "patched", "f16", kv_preset
+        else:
             raise ValueError(
-                f"variant {label!r}: unknown {name!r}: expected one of {', '.join(VARIANTS)}, "
-                "optionally followed by ;NAME=VALUE settings"
+                f"variant {label!r}: unknown {name!r}: expected one of {', '.join(VARIANTS)}, or kvggml K/V "
+                "with a preset for each (kvggml hi/lo), optionally followed by ;NAME=VALUE settings"
             )
-        library, cache_type, preset = VARIANTS[name]
         variables = {}
         known = {s.env.removeprefix(f"{PREFIX}_") for s in SETTINGS.values()} - {PREFIX, "PRESET"}
         for setting in settings:

@@ -82,7 +82,7 @@ SubbandBits parse_widths(const std::string & text, uint32_t level, const std::st
 std::vector<Step> parse_schedule(const char * name, const std::string & raw, const Config & c) {
     const std::string what = std::string(name) + "='" + raw + "'";
     std::vector<Step> steps;
-    SubbandBits before = c.subband_bits();
+    SubbandBits before = c.widest_bits();
     size_t start = 0;
     while (start <= raw.size()) {
         const size_t comma = raw.find(',', start);
@@ -163,7 +163,7 @@ std::vector<Step> Config::ladder() const {
         return schedule;
     }
     std::vector<Step> steps;
-    SubbandBits bits = subband_bits();
+    SubbandBits bits = widest_bits();
     for (uint32_t k = level; k >= 2; --k) {  // D_1, D_2, ..., D_{L-1}: A_L and D_L stay
         bits[k] = 0;
         steps.push_back({UINT32_MAX, bits});
@@ -171,22 +171,52 @@ std::vector<Step> Config::ladder() const {
     return steps;
 }
 
-SubbandBits Config::subband_bits() const {
-    SubbandBits bits{};
+const char * const kPresetsAllowed =
+    "expected one of fine, hi, balanced, lo, or two of them as K/V, K's preset then V's (e.g. hi/lo)";
+
+namespace {
+
+const Preset * find_preset(const std::string & name) {
     for (const auto & p : kPresets) {
-        if (preset == p.name) {
-            bits[0] = p.approximation;
-            for (uint32_t k = 1; k <= level; ++k) {
-                const uint32_t j = level + 1 - k;  // subband k holds D_j
-                bits[k] = p.detail[std::min<uint32_t>(j, 4) - 1];
-            }
+        if (name == p.name) {
+            return &p;
         }
+    }
+    return nullptr;
+}
+
+// "hi/lo" -> {"hi", "lo"}; "hi" -> {"hi", "hi"}
+std::pair<std::string, std::string> split_preset(const std::string & name) {
+    const size_t slash = name.find('/');
+    return slash == std::string::npos ? std::pair{name, name} : std::pair{name.substr(0, slash), name.substr(slash + 1)};
+}
+
+} // namespace
+
+SubbandBits Config::subband_bits(bool is_v) const {
+    const auto [k_name, v_name] = split_preset(preset);
+    const Preset * p = find_preset(is_v ? v_name : k_name);
+    SubbandBits bits{};
+    bits[0] = p->approximation;
+    for (uint32_t k = 1; k <= level; ++k) {
+        const uint32_t j = level + 1 - k;  // subband k holds D_j
+        bits[k] = p->detail[std::min<uint32_t>(j, 4) - 1];
+    }
+    return bits;
+}
+
+SubbandBits Config::widest_bits() const {
+    SubbandBits bits = subband_bits(false);
+    const SubbandBits v = subband_bits(true);
+    for (size_t k = 0; k < bits.size(); ++k) {
+        bits[k] = std::max(bits[k], v[k]);
     }
     return bits;
 }
 
 bool is_preset(const std::string & name) {
-    return std::any_of(std::begin(kPresets), std::end(kPresets), [&](const Preset & p) { return name == p.name; });
+    const auto [k_name, v_name] = split_preset(name);
+    return find_preset(k_name) != nullptr && find_preset(v_name) != nullptr;
 }
 
 Config Config::from_env() {
@@ -201,8 +231,8 @@ Config Config::from_env() {
     if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_PRESET"); raw != nullptr && *raw != '\0') {
         const std::string value = trim(raw);
         if (!is_preset(value)) {
-            throw std::invalid_argument(std::string("OLLAMA_KV_COMPRESSION_PRESET='") + raw +
-                                        "' is not allowed: expected one of fine, hi, balanced, lo");
+            throw std::invalid_argument(std::string("OLLAMA_KV_COMPRESSION_PRESET='") + raw + "' is not allowed: " +
+                                        kPresetsAllowed);
         }
         c.preset = value;
     }

@@ -34,7 +34,7 @@ struct Config {
     bool     enabled   = false;
     uint32_t threshold = 512;   // most recent tokens per sequence kept exact
     uint32_t level     = 4;     // Haar levels; a block is 2^level tokens
-    std::string preset = "balanced";
+    std::string preset = "balanced";  // a preset, or K's and V's: "hi/lo" (keys are the sensitive half)
     uint32_t sinks     = 4;     // first tokens per sequence kept exact
     bool     hadamard  = true;
     std::vector<Step> schedule;  // OLLAMA_KV_COMPRESSION_SCHEDULE, ages increasing, widths narrowing
@@ -43,8 +43,10 @@ struct Config {
     bool     direct    = true;   // attention reads the blocks' coefficients (attention-direct.cpp), not f16 copies
 
     uint32_t block_tokens() const { return 1u << level; }
-    // Width per subband, A_L first then D_L .. D_1 (level + 1 entries).
-    SubbandBits subband_bits() const;
+    // Width per subband of K's (is_v false) or V's preset, A_L first then D_L .. D_1 (level + 1 entries).
+    SubbandBits subband_bits(bool is_v) const;
+    // Per subband the wider of K's and V's: where a schedule and the budget's ladder start.
+    SubbandBits widest_bits() const;
     // The steps a block walks: the schedule, or, with a budget and no schedule, the preset's
     // detail subbands dropped finest first (steps the budget alone takes).
     std::vector<Step> ladder() const;
@@ -53,7 +55,10 @@ struct Config {
     static Config from_env();
 };
 
-// One of the preset names: fine, hi, balanced, lo.
+// A preset's name (fine, hi, balanced, lo), or two of them as K/V.
 bool is_preset(const std::string & name);
+
+// What is_preset allows, for error messages.
+extern const char * const kPresetsAllowed;
 
 } // namespace kvggml

@@ -47,9 +47,11 @@ void Tier::init_budget(uint32_t n_ctx_all) {
     budget = cfg.budget.bytes ? cfg.budget.bytes : (uint64_t) (cfg.budget.fraction * (double) f16_at_n_ctx);
     // the most the context can hold: its cells, and every block of n_ctx at its coarsest, at its largest
     kvggml_codec_params coarsest_k = params_k, coarsest_v = params_v;
-    const SubbandBits last = steps.empty() ? cfg.subband_bits() : steps.back().bits;
-    std::copy(last.begin(), last.begin() + cfg.level + 1, coarsest_k.bits);
-    std::copy(last.begin(), last.begin() + cfg.level + 1, coarsest_v.bits);
+    const SubbandBits last = steps.empty() ? cfg.widest_bits() : steps.back().bits;
+    for (uint32_t k = 0; k <= cfg.level; ++k) {  // a step narrows K and V to at most its widths
+        coarsest_k.bits[k] = std::min(coarsest_k.bits[k], last[k]);
+        coarsest_v.bits[k] = std::min(coarsest_v.bits[k], last[k]);
+    }
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
     const uint64_t per_block = kv.layers.size() * (block_bound(coarsest_k, (int32_t) hp.n_embd_k_gqa(il0)) +

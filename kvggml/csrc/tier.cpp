@@ -29,7 +29,7 @@ namespace {
 constexpr int32_t kGroup = 64;  // channels per scale (docs/FORMAT.md, G)
 
 // rotated: llama.cpp stores this cache's values in the Hadamard basis already (attn_rot_k/v).
-kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim, bool rotated) {
+kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim, bool rotated, bool is_v) {
     if (channels % kGroup != 0) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs K/V rows of a multiple of " +
                                     std::to_string(kGroup) + " values; this model has " + std::to_string(channels));
@@ -39,7 +39,7 @@ kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t he
     p.group     = kGroup;
     p.rotation  = cfg.hadamard && !rotated ? head_dim : 1;
     p.threshold = 0.0f;
-    const auto bits = cfg.subband_bits();
+    const auto bits = cfg.subband_bits(is_v);
     std::copy(bits.begin(), bits.begin() + cfg.level + 1, p.bits);
     return p;
 }
@@ -171,8 +171,8 @@ uint32_t Tier::cache_basis() const {
 void Tier::update_params() {
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
-    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k);
-    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v);
+    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k, false);
+    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v, true);
 }
 
 int32_t Tier::model_layer(size_t ikv) const {
@@ -472,7 +472,7 @@ void Tier::append_copy(const Block & blk, const std::vector<Stream> & from_k, co
 
 void Tier::set_settings(const Settings & s) {
     if (!is_preset(s.preset)) {
-        throw std::invalid_argument("preset '" + s.preset + "' is not allowed: expected one of fine, hi, balanced, lo");
+        throw std::invalid_argument("preset '" + s.preset + "' is not allowed: " + kPresetsAllowed);
     }
     if ((uint64_t) s.sinks + s.threshold > cells_for_recent) {
         throw std::invalid_argument("threshold + sinks = " + std::to_string((uint64_t) s.sinks + s.threshold) +

@@ -37,7 +37,7 @@ from kvggml.config import CompressionConfig
 from kvggml.library import load_llama_cpp
 from kvggml.metrics import kld_per_row
 from kvggml.model import Runner, default_model_path, default_text, silence_llama_logs
-from kvggml.presets import preset_bits
+from kvggml.presets import role_bits
 
 N_CTX, N_SEQ_MAX = 2048, 4
 PROBE = 4  # tokens a probe decodes: their mean KLD is steadier than one token's
@@ -512,7 +512,7 @@ class Harness:
             if got != want:
                 raise Mismatch("segments", f"sequence {seq}: [p0, p1, n_tokens, step] {got}, expected {want}")
             ladder = self.config.ladder()
-            preset = preset_bits(self.config.preset, self.config.level)
+            preset = role_bits(self.config.preset, self.config.level)[0]  # segments report K's widths
             for s in segments:
                 bits = preset if s["step"] == 0 else tuple(map(min, ladder[s["step"] - 1].bits, preset))
                 if tuple(s["bits"]) != bits:

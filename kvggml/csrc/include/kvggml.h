@@ -24,7 +24,7 @@ extern "C" {
 //
 
 #define KVGGML_VERSION_MAJOR 0
-#define KVGGML_VERSION_MINOR 6
+#define KVGGML_VERSION_MINOR 7
 #define KVGGML_VERSION_PATCH 0
 #define KVGGML_VERSION_NUMBER (KVGGML_VERSION_MAJOR * 10000 + KVGGML_VERSION_MINOR * 100 + KVGGML_VERSION_PATCH)
 
@@ -158,7 +158,7 @@ typedef struct kvggml_segment {
     uint32_t n_tokens;  // tokens it still holds, 1..2^level
     uint64_t bytes;     // encoded size, K and V, all layers
     int32_t  step;      // hierarchy steps taken: 0 as encoded, s: coarsened to the ladder's step s
-    uint8_t  bits[9];   // its subband widths now, A_L, D_L, ..., D_1 (level + 1 used; 0: dropped)
+    uint8_t  bits[9];   // its K's subband widths now, A_L, D_L, ..., D_1 (level + 1 used; 0: dropped)
 } kvggml_segment;
 
 // The compressed blocks of sequence seq_id (-1: every sequence), in position order. Writes
@@ -226,7 +226,7 @@ typedef struct kvggml_settings {
     uint32_t sinks;            // first tokens per sequence kept exact
     uint32_t level;            // Haar levels, a block is 2^level tokens: fixed at context creation
     uint32_t recent_capacity;  // largest sinks + threshold: what the cache was sized for (read-only)
-    char     preset[16];       // "fine", "hi", "balanced" or "lo" (NUL-terminated)
+    char     preset[16];       // "fine", "hi", "balanced" or "lo", or two of them as K/V: "hi/lo" (NUL-terminated)
 } kvggml_settings;
 
 KVGGML_API int32_t kvggml_get_settings(const struct llama_context * ctx, kvggml_settings * out);
