@@ -340,3 +340,15 @@ def test_parametrised_specs():
     assert parse_codec("haar:levels=4") == CODECS["haar"]
     assert parse_codec("q4_0:hadamard=1") == CODECS["q4_0+hadamard"]
     assert parse_codec("kivi:bits=2") == CODECS["kivi2"] and parse_codec("pool:levels=2") == CODECS["pool4"]
+
+
+def test_keys_and_values_take_codecs_of_their_own():
+    x = np.random.default_rng(3).standard_normal((32, 3, 64)).astype(np.float32)
+    codec = parse_codec("haar-hi|haar-lo")
+    for role, alone in (("k", CODECS["haar-hi"]), ("v", CODECS["haar-lo"])):
+        decoded, size = codec.roundtrip(x, role)
+        want, want_size = alone.roundtrip(x, role)
+        assert size == want_size and np.array_equal(decoded, want)
+    assert parse_codec(codec.spec()) == codec
+    with pytest.raises(ValueError, match="must compress the same blocks of tokens"):
+        parse_codec("haar-hi|haar:levels=3")

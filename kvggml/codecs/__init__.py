@@ -19,6 +19,7 @@ from kvggml.codecs.haar import HaarCodec
 from kvggml.codecs.haar_format import coarsen_block, decode_block
 from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.codecs.identity import Identity
+from kvggml.codecs.keys_values import KeysValues
 from kvggml.codecs.kivi import Kivi
 from kvggml.codecs.pooling import Pooling
 from kvggml.presets import PRESETS, preset_bits
@@ -27,6 +28,7 @@ __all__ = [
     "Codec",
     "HaarCodec",
     "Identity",
+    "KeysValues",
     "Eviction",
     "Q8_0",
     "Q4_0",
@@ -67,8 +69,12 @@ _KINDS: dict[str, type[Codec]] = {cls.KIND: cls for cls in (Identity, Eviction, 
 
 
 def parse_codec(spec: str) -> Codec:
-    """A registry name (see CODECS) or `kind:field=value,...`, e.g. `haar:levels=4,bits=8.6.5.4.3,group=64`."""
+    """A registry name (see CODECS) or `kind:field=value,...`, e.g. `haar:levels=4,bits=8.6.5.4.3,group=64`;
+    `K|V` gives keys and values codecs of their own: `haar-hi|haar-lo`."""
     spec = spec.strip()
+    if "|" in spec:  # K's codec, then V's
+        keys, _, values = spec.partition("|")
+        return KeysValues(parse_codec(keys), parse_codec(values))
     if spec in CODECS:
         return CODECS[spec]
     kind, _, params = spec.partition(":")
