@@ -135,7 +135,7 @@ SETTINGS: dict[str, Setting] = {
         "OLLAMA_KV_COMPRESSION_PRESET",
         "balanced",
         "bits per wavelet subband (see Presets): fine (6.7 bits/element), hi (5.2), balanced (3.5), lo (3.4); "
-        "K/V gives keys and values presets of their own",
+        "K/V gives keys and values presets of their own: hi/lo (4.3)",
         text=(PRESETS_ALLOWED, parse_preset),
     ),
     "sinks": Setting(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvggml.config import CompressionConfig
-from kvggml.presets import PRESETS
+from kvggml.presets import KEYS_VALUES_PRESETS, PRESETS
 
 # Bytes per element of llama.cpp's cache types: f16, and blocks of 32 values with an f16 scale.
 CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -253,11 +253,11 @@ def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_re
 
 def settings(shape: KVShape, config: CompressionConfig) -> dict[str, Callable[[int], Footprint]]:
     """Each setting's footprint as a function of n_ctx: stock's three cache types, then each kvggml
-    preset with config's window, sinks and level."""
+    preset, and K/V presets, with config's window, sinks and level."""
     stock = {f"stock {t}": functools.partial(stock_footprint, shape, t) for t in CACHE_TYPES}
     kvggml = {
         f"kvggml {p}": functools.partial(kvggml_footprint, shape, dataclasses.replace(config, preset=p))
-        for p in PRESETS
+        for p in (*PRESETS, *KEYS_VALUES_PRESETS)
     }
     return {**stock, **kvggml}
 

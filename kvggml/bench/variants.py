@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvggml.config import SETTINGS, CompressionConfig
 from kvggml.library import library_dir
-from kvggml.presets import PRESETS, is_preset
+from kvggml.presets import KEYS_VALUES_PRESETS, PRESETS, is_preset
 
 # name -> (library, cache type, compression preset or None)
 VARIANTS: dict[str, tuple[str, str, str | None]] = {
@@ -25,9 +25,14 @@ VARIANTS: dict[str, tuple[str, str, str | None]] = {
 }
 GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 REFERENCE = "stock f16"  # KLD is measured against it; every bench measures it first
-# Every stock cache type and preset, and one budget of the hierarchy in age order and guided
-# (README, "The hierarchy"): the same bytes, so the frontier shows what guidance buys.
-DEFAULT_VARIANTS = [*VARIANTS, "kvggml balanced;BUDGET=0.25", "kvggml balanced;BUDGET=0.25;GUIDANCE=1"]
+# Every stock cache type and preset, K/V presets, and one budget of the hierarchy in age order and
+# guided (README, "The hierarchy"): the same bytes, so the frontier shows what guidance buys.
+DEFAULT_VARIANTS = [
+    *VARIANTS,
+    *(f"kvggml {p}" for p in KEYS_VALUES_PRESETS),
+    "kvggml balanced;BUDGET=0.25",
+    "kvggml balanced;BUDGET=0.25;GUIDANCE=1",
+]
 QUICK_VARIANTS = ["stock f16", "stock q4_0", "kvggml balanced"]
 PREFIX = "OLLAMA_KV_COMPRESSION"
 
