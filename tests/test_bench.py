@@ -181,7 +181,7 @@ def test_measure_tier_frontier_reads_the_bench_cells(tmp_path):
 def llama_bench_line(label: str, fa: int, depth: int, threads: int, n_prompt: int, rate: float, rc: int = 0) -> str:
     """One test of llama-bench's JSON lines, labelled as scripts/speed_on_another_cpu.sh labels them."""
     test = dict(label=label, rc=rc, flash_attn=fa, n_depth=depth, n_threads=threads, n_prompt=n_prompt)
-    test |= dict(n_gen=0 if n_prompt else 32, avg_ts=rate, stddev_ts=1.0, samples_ts=[rate - 1, rate + 1])
+    test |= dict(n_gen=0 if n_prompt else 32, n_batch=2048, avg_ts=rate, stddev_ts=1.0, samples_ts=[rate - 1, rate + 1])
     return json.dumps(test | dict(model_filename="m.gguf", model_size=1000, cpu_info="Some CPU"))
 
 

@@ -100,6 +100,7 @@ def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> 
         variant,
         "llama-bench",
         *("-m", inputs.model, "-p", params["n_prompt"], "-n", params["n_gen"], "-d", params["depth"]),
+        *("-b", params["n_batch"]),
         *("-r", params["reps"], "-t", inputs.threads, "-o", "json"),
         flash_attn=bool(params["flash_attn"]),
     )
@@ -131,6 +132,7 @@ def speed_records(tests: list[dict]) -> list[dict]:
             "reps": len(first["samples_ts"]),
             "n_prompt": max(t["n_prompt"] for t in group),
             "n_gen": max(t["n_gen"] for t in group),
+            "n_batch": first["n_batch"],
             "threads": threads,
         }
         inputs = {"model": {"path": first["model_filename"], "bytes": first["model_size"]}, "cpu": first["cpu_info"]}

@@ -63,6 +63,9 @@ QUICK = dict(
 # one core): the full bench measures those empty, without a peak RSS.
 FULL_NO_FILL = frozenset({"stock q8_0", "stock q4_0"})
 N_PROMPT, N_GEN = 512, 64  # llama-bench's prefill and decode tests at each depth
+# llama-bench's micro-batches, as llama-perplexity and llama-cpp-python read: with its default of 2048
+# kvggml stages 2048 exact cells, and a budget of a quarter of f16 is refused at depth 8192
+N_BATCH = 512
 RESULTS, TABLE = "bench.json", "bench.md"
 
 
@@ -160,6 +163,7 @@ def plan(settings: Settings) -> list[Cell]:
                 "reps": settings.reps,
                 "n_prompt": N_PROMPT,
                 "n_gen": N_GEN,
+                "n_batch": N_BATCH,
                 "threads": settings.threads,
             }
             for d in settings.depths
