@@ -202,7 +202,8 @@ def test_settings_change_while_the_context_runs(tmp_path_factory):
         '{"threshold": 1000000}': "threshold + sinks = 1000004 is out of range: this context's cache was sized for "
         "at most 260 (OLLAMA_KV_COMPRESSION_THRESHOLD + OLLAMA_KV_COMPRESSION_SINKS when it "
         "was created)",
-        '{"preset": "max"}': "preset 'max' is not allowed: expected one of fine, hi, balanced, lo",
+        '{"preset": "max"}': "preset 'max' is not allowed: expected one of fine, hi, balanced, lo, or two of them "
+        "as K/V, K's preset then V's (e.g. hi/lo)",
         '{"level": 3}': "level 3 cannot change: it is fixed at 4 when the context is created "
         "(OLLAMA_KV_COMPRESSION_LEVEL)",
         '{"window": 3}': "no setting window: the settings are threshold, sinks, level, recent_capacity, preset",
