@@ -15,8 +15,8 @@ PRESETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
 }
 
 
-# A preset for K and one for V that measured near hi's quality at 82 % of its bits (README, "Keys and
-# values apart"): kvggml info and kvggml bench show it beside the presets.
+# A preset for K and one for V, between balanced and hi in bits and in KLD, below the line between them
+# (README, "Keys and values apart"): kvggml info and kvggml bench show it beside the presets.
 KEYS_VALUES_PRESETS = ("hi/lo",)
 
 # What OLLAMA_KV_COMPRESSION_PRESET allows: a preset, or K's and V's (keys are the sensitive half).

@@ -49,11 +49,10 @@ class Variant:
     def parse(cls, label: str) -> Variant:
         """A variant, or ValueError naming it and what is allowed (before anything is measured)."""
         name, *settings = label.split(";")
-        kv_preset = name.removeprefix("kvggml ")
         if name in VARIANTS:
             library, cache_type, preset = VARIANTS[name]
-        elif name.startswith("kvggml ") and is_preset(kv_preset):  # K's and V's presets: "kvggml hi/lo"
-            library, cache_type, preset = "patched", "f16", kv_preset
+        elif name.startswith("kvggml ") and is_preset(name.removeprefix("kvggml ")):  # K's and V's: "kvggml hi/lo"
+            library, cache_type, preset = "patched", "f16", name.removeprefix("kvggml ")
         else:
             raise ValueError(
                 f"variant {label!r}: unknown {name!r}: expected one of {', '.join(VARIANTS)}, or kvggml K/V "
