@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import child_env, run_cli
 
-from kvggml.bench.report import budget_series, frontier_rows
+from kvggml.bench.report import budget_series, frontier_rows, refused_table
 from kvggml.bench.run import QUICK, Settings, plan
 from kvggml.bench.store import Cell, ResultStore
 from kvggml.bench.variants import Variant
@@ -145,6 +145,18 @@ def test_the_frontier_marks_dominated_variants():
         "kvggml balanced": True,
         "kvggml lo": False,  # more memory than q4_0 at a higher KLD
     }
+
+
+@pytest.mark.fast
+def test_refused_speed_cells_are_told_apart_by_flash_attention():
+    reason = "OLLAMA_KV_COMPRESSION_BUDGET is 14745600 bytes, below what this context can need"
+    records = [
+        {"variant": "kvggml balanced;BUDGET=0.25", "measurement": "speed", "result": {"refused": reason},
+         "params": {"depth": 2048, "flash_attn": flash, "reps": 3}}
+        for flash in (1, 0)
+    ]
+    rows = refused_table(records).splitlines()[2:]
+    assert [row.split(" | ")[2] for row in rows] == ["depth 2048, flash attention on", "depth 2048, flash attention off"]
 
 
 @pytest.mark.fast

@@ -23,7 +23,11 @@ def refused_table(records: list[dict]) -> str:
 
 
 def params_text(params: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in params.items() if k in ("n_ctx", "depth"))
+    """What tells a refused cell from its neighbours: its context or depth, and speed's flash attention."""
+    words = [f"{k} {v}" for k, v in params.items() if k in ("n_ctx", "depth")]
+    if "flash_attn" in params:
+        words.append(f"flash attention {'on' if params['flash_attn'] else 'off'}")
+    return ", ".join(words)
 
 
 def reference(records: list[dict], record: dict, *same: str) -> dict | None:
