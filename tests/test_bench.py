@@ -156,7 +156,8 @@ def test_refused_speed_cells_are_told_apart_by_flash_attention():
         for flash in (1, 0)
     ]
     rows = refused_table(records).splitlines()[2:]
-    assert [row.split(" | ")[2] for row in rows] == ["depth 2048, flash attention on", "depth 2048, flash attention off"]
+    parameters = [row.split(" | ")[2] for row in rows]
+    assert parameters == ["depth 2048, flash attention on", "depth 2048, flash attention off"]
 
 
 @pytest.mark.fast
