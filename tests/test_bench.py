@@ -151,8 +151,12 @@ def test_the_frontier_marks_dominated_variants():
 def test_refused_speed_cells_are_told_apart_by_flash_attention():
     reason = "OLLAMA_KV_COMPRESSION_BUDGET is 14745600 bytes, below what this context can need"
     records = [
-        {"variant": "kvggml balanced;BUDGET=0.25", "measurement": "speed", "result": {"refused": reason},
-         "params": {"depth": 2048, "flash_attn": flash, "reps": 3}}
+        {
+            "variant": "kvggml balanced;BUDGET=0.25",
+            "measurement": "speed",
+            "result": {"refused": reason},
+            "params": {"depth": 2048, "flash_attn": flash, "reps": 3},
+        }
         for flash in (1, 0)
     ]
     rows = refused_table(records).splitlines()[2:]
