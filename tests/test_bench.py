@@ -83,6 +83,17 @@ def test_variants_name_what_is_wrong():
 
 
 @pytest.mark.fast
+def test_a_variant_loads_its_own_builds_libraries(tmp_path, monkeypatch):
+    """A copied build's programs name the folder they were built in: the loader's path must win."""
+    monkeypatch.setenv("KVGGML_BUILD_DIR", str(tmp_path / "copy"))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/elsewhere")
+    for label, build in (("stock q8_0", "stock"), ("kvggml hi", "patched")):
+        env = Variant.parse(label).env()
+        assert env["LD_LIBRARY_PATH"] == f"{tmp_path / 'copy' / build / 'bin'}:/elsewhere"
+        assert env["KVGGML_LIB"] == build
+
+
+@pytest.mark.fast
 def test_the_plan_has_one_cell_per_measurement_variant_and_parameter(tmp_path):
     settings = Settings(
         **QUICK,

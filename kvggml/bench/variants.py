@@ -79,10 +79,13 @@ class Variant:
 
     def env(self) -> dict[str, str]:
         """This process's environment with the variant's library and compression settings alone: the
-        shell's OLLAMA_KV_COMPRESSION* and library path would otherwise leak into every variant."""
+        shell's OLLAMA_KV_COMPRESSION* and library path would otherwise leak into every variant. The
+        build's own folder comes first on the loader's path: its programs and libllama name the folder
+        they were built in, which is another build when KVGGML_BUILD_DIR points at a copy."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
         env.pop("LLAMA_CPP_LIB_PATH", None)
-        return {**env, "KVGGML_LIB": self.library, **self.compression_env()}
+        loader_path = os.pathsep.join(filter(None, [str(library_dir(self.library)), env.get("LD_LIBRARY_PATH")]))
+        return {**env, "LD_LIBRARY_PATH": loader_path, "KVGGML_LIB": self.library, **self.compression_env()}
 
     def tool(self, name: str) -> Path:
         """A llama.cpp program of the variant's build."""
