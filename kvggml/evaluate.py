@@ -35,7 +35,7 @@ from kvggml.hierarchy import block_steps, budget_bytes
 from kvggml.kvstate import KVState
 from kvggml.metrics import kld_per_row
 from kvggml.model import Runner
-from kvggml.plan import exact_cells, pad
+from kvggml.plan import KVShape, exact_cells, pad
 
 STOCK_TYPES = {"f16": (1, 16.0), "q8_0": (8, 8.5), "q4_0": (2, 4.5)}  # ggml type id, bits per element
 # haar-16 changes values by ~2e-5 (relative): its KLD is the measurement's noise floor, since any change
@@ -144,14 +144,16 @@ def old_cells(stream, sinks: int, window: int, block_tokens: int) -> np.ndarray:
 
 
 def compress_state(
-    state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int
+    state: KVState, codec: Codec, sinks: int, window: int, n_head_kv: int, model_layers: list[int]
 ) -> tuple[int, int, int, tuple[int, int] | None]:
-    """Apply codec in place to the full-attention cache's old cells.
+    """Apply codec in place to the full-attention cache's old cells; model_layers: the model's number of
+    each of that cache's layers (a codec may set layers apart by it).
 
     Returns (compressed elements, compressed bytes, compressed tokens, evicted position range or None).
     Only cache part 0 is touched: for iSWA models part 1 is the sliding-window cache, which
     holds just the window anyway.
     """
+
     elements = nbytes = tokens = 0
     evicted = None
     for stream in (s for s in state.streams if s.part == 0):
@@ -167,7 +169,7 @@ def compress_state(
             values = rows.read(state.blob)
             head_dim = rows.n_embd // n_head_kv
             block = values[old].reshape(len(old), n_head_kv, head_dim)
-            decoded, size = codec.roundtrip(block, rows.role)
+            decoded, size = codec.for_layer(model_layers[rows.layer]).roundtrip(block, rows.role)
             values[old] = decoded.reshape(len(old), rows.n_embd)
             rows.write(state.blob, values)
             elements += block.size
@@ -223,6 +225,14 @@ def evaluate(
 ) -> dict:
     """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
     n_ctx = n_prefill + n_score
+    full_attention_layers = [il for il, sliding in enumerate(KVShape.from_gguf(model_path).sliding) if not sliding]
+    for row in rows:  # before the reference is computed: a row's mistake costs nothing
+        stray = sorted(row.codec.layers_named - set(full_attention_layers)) if row.codec else []
+        if stray:
+            raise ValueError(
+                f"row {row.label!r}: layer {', '.join(map(str, stray))} is not one that compression applies to: "
+                f"allowed the model's full-attention layers, {', '.join(map(str, full_attention_layers))}"
+            )
     with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as ref_run:
         tokens = ref_run.tokenize(text)
         if len(tokens) < n_ctx + 1:
@@ -262,7 +272,9 @@ def evaluate(
                 state = KVState.parse(blob)
                 evicted, elements, nbytes, n_tok, steps = None, 0, 0, 0, None
                 if row.codec is not None:
-                    elements, nbytes, n_tok, evicted = compress_state(state, row.codec, sinks, window, n_head_kv)
+                    elements, nbytes, n_tok, evicted = compress_state(
+                        state, row.codec, sinks, window, n_head_kv, full_attention_layers
+                    )
                 if row.policy is not None:
                     elements, nbytes, n_tok, steps = apply_policy(
                         state, row.policy, sinks, window, n_head_kv, n_ctx, n_batch

@@ -352,3 +352,34 @@ def test_keys_and_values_take_codecs_of_their_own():
     assert parse_codec(codec.spec()) == codec
     with pytest.raises(ValueError, match="must compress the same blocks of tokens"):
         parse_codec("haar-hi|haar:levels=3")
+
+
+def test_layers_take_codecs_of_their_own():
+    x = np.random.default_rng(4).standard_normal((32, 3, 64)).astype(np.float32)
+    codec = parse_codec("haar-lo@5,11=haar-hi@17=haar|haar-lo")
+    assert codec.layers_named == {5, 11, 17}
+    for layer, keys in ((5, "haar-hi"), (11, "haar-hi"), (17, "haar"), (0, "haar-lo")):
+        assert codec.for_layer(layer) == parse_codec(f"{keys}|haar-lo")
+        decoded, size = codec.for_layer(layer).roundtrip(x, "k")
+        want, want_size = CODECS[keys].roundtrip(x, "k")
+        assert size == want_size and np.array_equal(decoded, want)
+    assert parse_codec(codec.spec()) == codec
+    assert parse_codec("f16@5=haar:levels=3@6=haar").block_tokens == 16  # whole blocks of every layer's codec
+    with pytest.raises(ValueError, match="sets model layers apart: take one layer's codec with for_layer"):
+        parse_codec("haar-lo@5=haar-hi").roundtrip(x, "k")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("haar@5=", "unknown codec ''"),
+        ("haar@x=haar-lo", "'x=haar-lo' is not LAYERS=CODEC with LAYERS model layer numbers from 0"),
+        ("haar@5,-1=haar-lo", "is not LAYERS=CODEC"),
+        ("haar@haar-lo", "is not LAYERS=CODEC"),
+        ("haar@5=haar-lo@5=haar-hi", "a layer is named twice"),
+        ("haar@5=evict", "a layer's codec may not evict"),
+    ],
+)
+def test_bad_per_layer_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_codec(spec)

@@ -18,7 +18,11 @@ SMALL = dict(n_prefill=384, n_score=96, window=128, sinks=4, n_threads=2)
 @pytest.fixture(scope="module")
 def report(llama_cpp, model_path, text):
     rows = [
-        Row.parse(s) for s in ["identity", "f16", "haar-16", "haar", "haar-lo", "evict", "stock:q8_0", "stock:q4_0"]
+        Row.parse(s)
+        for s in [
+            *("identity", "f16", "haar-16", "haar", "haar-lo", "evict", "stock:q8_0", "stock:q4_0"),
+            *("f16@3=haar-lo", "haar-lo@3=f16"),  # one layer of SmolLM2's 30 apart
+        ]
     ]
     return {r["label"]: r for r in evaluate(llama_cpp, model_path, text, rows, **SMALL)["rows"]}
 
@@ -42,6 +46,22 @@ def test_coarser_codecs_cost_more_quality(report):
     assert report["haar-lo"]["kld_mean"] > report["haar-16"]["kld_mean"]
     assert report["evict"]["kld_mean"] > report["haar-16"]["kld_mean"]
     assert report["stock:q4_0"]["kld_mean"] > report["stock:q8_0"]["kld_mean"]
+
+
+def test_a_layer_set_apart_takes_its_own_codec(report):
+    """Layer 3 alone through haar-lo, and every layer but 3: the two together store what f16 and haar-lo
+    store for every layer, and each costs part of what haar-lo on every layer costs."""
+    one, rest = report["f16@3=haar-lo"], report["haar-lo@3=f16"]
+    assert one["compressed_tokens"] == rest["compressed_tokens"] == report["haar-lo"]["compressed_tokens"] == 240
+    f16_blocks = report["f16"]["compressed_bytes"] * 240 // 252  # f16 compressed token by token: 252 old tokens
+    assert one["compressed_bytes"] + rest["compressed_bytes"] == f16_blocks + report["haar-lo"]["compressed_bytes"]
+    assert f16_blocks * 29 // 30 < one["compressed_bytes"] < f16_blocks
+    assert 0 < report["f16@3=haar-lo"]["kld_mean"] < report["haar-lo@3=f16"]["kld_mean"] < report["haar-lo"]["kld_mean"]
+
+
+def test_a_layer_compression_does_not_apply_to_is_named_before_anything_runs(llama_cpp, model_path):
+    with pytest.raises(ValueError, match="layer 30 is not one that compression applies to: allowed the model's full"):
+        evaluate(llama_cpp, model_path, "never read", [Row.parse("haar@30=haar-lo")], **SMALL)
 
 
 def test_too_short_text_is_a_clear_error(llama_cpp, model_path):

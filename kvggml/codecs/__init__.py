@@ -21,6 +21,7 @@ from kvggml.codecs.hadamard import hadamard_rotate
 from kvggml.codecs.identity import Identity
 from kvggml.codecs.keys_values import KeysValues
 from kvggml.codecs.kivi import Kivi
+from kvggml.codecs.per_layer import PerLayer
 from kvggml.codecs.pooling import Pooling
 from kvggml.presets import PRESETS, preset_bits
 
@@ -29,6 +30,7 @@ __all__ = [
     "HaarCodec",
     "Identity",
     "KeysValues",
+    "PerLayer",
     "Eviction",
     "Q8_0",
     "Q4_0",
@@ -70,11 +72,15 @@ _KINDS: dict[str, type[Codec]] = {cls.KIND: cls for cls in (Identity, Eviction, 
 
 def parse_codec(spec: str) -> Codec:
     """A registry name (see CODECS) or `kind:field=value,...`, e.g. `haar:levels=4,bits=8.6.5.4.3,group=64`;
-    `K|V` gives keys and values codecs of their own: `haar-hi|haar-lo`."""
+    `K|V` gives keys and values codecs of their own: `haar-hi|haar-lo`; `BASE@LAYERS=CODEC...` gives
+    model layers codecs of their own: `haar-lo@5,11=haar-hi`, inside K|V: `haar-lo@5,11=haar-hi|haar-lo`."""
     spec = spec.strip()
     if "|" in spec:  # K's codec, then V's
         keys, _, values = spec.partition("|")
         return KeysValues(parse_codec(keys), parse_codec(values))
+    if "@" in spec:  # a codec for the other layers, then LAYERS=CODEC for each set apart
+        base, *parts = spec.split("@")
+        return PerLayer(parse_codec(base), tuple(parse_layers(spec, part) for part in parts))
     if spec in CODECS:
         return CODECS[spec]
     kind, _, params = spec.partition(":")
@@ -97,3 +103,15 @@ def parse_codec(spec: str) -> Codec:
         except ValueError as err:
             raise ValueError(f"{spec!r}: {key}={raw!r} is not valid ({err})") from None
     return cls(**kwargs)
+
+
+def parse_layers(spec: str, part: str) -> tuple[tuple[int, ...], Codec]:
+    """One `LAYERS=CODEC` of a per-layer spec: model layer numbers from 0, separated by commas."""
+    layers, equals, codec = part.partition("=")
+    numbers = tuple(int(n) for n in layers.split(",") if n.strip().isdigit())
+    if not equals or not numbers or len(numbers) != len(layers.split(",")):
+        raise ValueError(
+            f"{spec!r}: {part!r} is not LAYERS=CODEC with LAYERS model layer numbers from 0 separated by commas "
+            "(e.g. 5,11=haar-hi)"
+        )
+    return numbers, parse_codec(codec)

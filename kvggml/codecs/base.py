@@ -37,6 +37,15 @@ class Codec:
         """
         raise NotImplementedError
 
+    def for_layer(self, layer: int) -> Codec:
+        """The codec model layer `layer` goes through: this one, unless it sets layers apart."""
+        return self
+
+    @property
+    def layers_named(self) -> frozenset[int]:
+        """The model layers this codec sets apart (none unless it is per layer)."""
+        return frozenset()
+
     def spec(self) -> str:
         """Canonical spec string; parse_codec(spec) gives an equal codec."""
         params = ",".join(f"{key}={format_param(getattr(self, key))}" for key in self.SPEC_FIELDS)

@@ -39,6 +39,13 @@ class KeysValues(Codec):
     def spec(self) -> str:
         return f"{self.keys.spec()}|{self.values.spec()}"
 
+    @property
+    def layers_named(self) -> frozenset[int]:
+        return self.keys.layers_named | self.values.layers_named
+
+    def for_layer(self, layer: int) -> Codec:
+        return KeysValues(self.keys.for_layer(layer), self.values.for_layer(layer))
+
     def roundtrip(self, x: np.ndarray, role: str) -> tuple[np.ndarray, int]:
         check_role(role)
         return (self.keys if role == "k" else self.values).roundtrip(x, role)
