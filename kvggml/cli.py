@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="ROW",
         help="identity, stock:<f16|q8_0|q4_0>, a codec name or a spec such as haar:levels=2,bits=8.5.4, K's "
-        "codec|V's (haar-hi|haar-lo), or kvggml (the library's policy from OLLAMA_KV_COMPRESSION_*)",
+        "codec|V's (haar-hi|haar-lo), a codec for most layers and others for model layers named by number "
+        "(haar-lo@5,11=haar-hi), or kvggml (the library's policy from OLLAMA_KV_COMPRESSION_*)",
     )
     ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")

@@ -350,8 +350,9 @@ def test_keys_and_values_take_codecs_of_their_own():
         want, want_size = alone.roundtrip(x, role)
         assert size == want_size and np.array_equal(decoded, want)
     assert parse_codec(codec.spec()) == codec
-    with pytest.raises(ValueError, match="must compress the same blocks of tokens"):
-        parse_codec("haar-hi|haar:levels=3")
+    assert parse_codec("f16|haar:levels=3").block_tokens == 8  # both compress whole blocks of both
+    with pytest.raises(ValueError, match="neither K's codec nor V's may evict"):
+        parse_codec("haar-hi|evict")
 
 
 def test_layers_take_codecs_of_their_own():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,17 +21,15 @@ class KeysValues(Codec):
     KIND: ClassVar[str] = "k|v"
 
     def __post_init__(self) -> None:
-        if self.keys.block_tokens != self.values.block_tokens or self.keys.evicts or self.values.evicts:
-            raise ValueError(
-                f"{self.keys.name}|{self.values.name}: K's and V's codecs must compress the same blocks of tokens "
-                f"({self.keys.block_tokens} against {self.values.block_tokens}), and neither may evict"
-            )
+        if self.keys.evicts or self.values.evicts:
+            raise ValueError(f"{self.keys.name}|{self.values.name}: neither K's codec nor V's may evict")
         if not self.name:
             object.__setattr__(self, "name", f"{self.keys.name}|{self.values.name}")
 
     @property
     def block_tokens(self) -> int:
-        return self.keys.block_tokens
+        """K and V compress the same tokens: whole blocks of both codecs."""
+        return math.lcm(self.keys.block_tokens, self.values.block_tokens)
 
     @property
     def description(self) -> str:
