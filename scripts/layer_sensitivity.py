@@ -69,7 +69,7 @@ def plot(per_layer: list[dict], codec: str, model: str, n_prefill: int, path: Pa
     ax.set_yscale("log")
     ax.set_xlabel("model layer")
     ax.set_ylabel("mean KLD (log)")
-    ax.set_title(f"{model}, N={n_prefill}: one layer's K or V through {codec}, the rest exact", fontsize=9)
+    ax.set_title(f"{model}, N={n_prefill}\none layer's K or V through {codec}, the rest exact", fontsize=9)
     ax.legend()
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
