@@ -326,6 +326,13 @@ def test_kivi_and_pooling():
         ("kivi:bits=1", "bits=1 is out of range: allowed 2 to 8"),
         ("pool:levels=0", "levels=0 is out of range"),
         ("f16:bits=3", "f16 takes no fields"),
+        # codecs per model layer
+        ("haar@5=", "unknown codec ''"),
+        ("haar@x=haar-lo", "'x=haar-lo' is not LAYERS=CODEC with LAYERS model layer numbers from 0"),
+        ("haar@5,-1=haar-lo", "is not LAYERS=CODEC"),
+        ("haar@haar-lo", "is not LAYERS=CODEC"),
+        ("haar@5=haar-lo@5=haar-hi", "a layer is named twice"),
+        ("haar@5=evict", "a layer's codec may not evict"),
     ],
 )
 def test_bad_specs(spec, message):
@@ -368,19 +375,3 @@ def test_layers_take_codecs_of_their_own():
     assert parse_codec("f16@5=haar:levels=3@6=haar").block_tokens == 16  # whole blocks of every layer's codec
     with pytest.raises(ValueError, match="sets model layers apart: take one layer's codec with for_layer"):
         parse_codec("haar-lo@5=haar-hi").roundtrip(x, "k")
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        ("haar@5=", "unknown codec ''"),
-        ("haar@x=haar-lo", "'x=haar-lo' is not LAYERS=CODEC with LAYERS model layer numbers from 0"),
-        ("haar@5,-1=haar-lo", "is not LAYERS=CODEC"),
-        ("haar@haar-lo", "is not LAYERS=CODEC"),
-        ("haar@5=haar-lo@5=haar-hi", "a layer is named twice"),
-        ("haar@5=evict", "a layer's codec may not evict"),
-    ],
-)
-def test_bad_per_layer_specs_say_what_is_wrong(spec, message):
-    with pytest.raises(ValueError, match=message):
-        parse_codec(spec)
