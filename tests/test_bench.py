@@ -261,13 +261,15 @@ def cells(out: Path) -> list[dict]:
 def test_memory_cells_are_kept_when_interrupted_and_reused_on_a_rerun(tmp_path):
     out = tmp_path / "out"
     args = ["--quick", "--only", "memory", "--memory-ctx", "2048", "--variants", "kvggml balanced"]
-    # Interrupted (Ctrl-C) once the first cell is in the file: it stays there
+    # Interrupted (Ctrl-C) once the first cell is in the file: it stays there. SIGINT as a terminal
+    # gives it: a harness started in the background passes it on ignored, and Python then keeps it so.
     run = subprocess.Popen(
         [sys.executable, "-m", "kvggml.cli", "bench", *args, "--out", str(out)],
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while not (out / "bench.json").exists() and run.poll() is None and time.monotonic() < deadline:
