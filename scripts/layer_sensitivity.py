@@ -44,15 +44,16 @@ def main() -> None:
     per_layer = [{"layer": il, "k_kld": kld[i], "v_kld": kld[len(layers) + i]} for i, il in enumerate(layers)]
     report.update(codec=args.codec, per_layer=per_layer)
 
-    stem = args.out / f"sensitivity-{model.stem}-N{args.n_prefill}"
+    name = f"sensitivity-{model.stem}-N{args.n_prefill}"  # model stems hold dots: no with_suffix
+    path = {kind: args.out / f"{name}.{kind}" for kind in ("json", "md", "png")}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    path["json"].write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"| layer | K through {args.codec} | V through it |", "|---:|---:|---:|"]
     lines += [f"| {p['layer']} | {p['k_kld']:.4f} | {p['v_kld']:.4f} |" for p in per_layer]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(per_layer, args.codec, model.name, args.n_prefill, stem.with_suffix(".png"))
+    path["md"].write_text("\n".join(lines) + "\n")
+    plot(per_layer, args.codec, model.name, args.n_prefill, path["png"])
     print("\n".join(lines))
-    print(f"wrote {stem}.json, .md and .png")
+    print(f"wrote {', '.join(map(str, path.values()))}")
 
 
 def plot(per_layer: list[dict], codec: str, model: str, n_prefill: int, path: Path) -> None:
