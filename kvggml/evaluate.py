@@ -153,7 +153,6 @@ def compress_state(
     Only cache part 0 is touched: for iSWA models part 1 is the sliding-window cache, which
     holds just the window anyway.
     """
-
     elements = nbytes = tokens = 0
     evicted = None
     for stream in (s for s in state.streams if s.part == 0):
@@ -225,7 +224,7 @@ def evaluate(
 ) -> dict:
     """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
     n_ctx = n_prefill + n_score
-    full_attention_layers = [il for il, sliding in enumerate(KVShape.from_gguf(model_path).sliding) if not sliding]
+    full_attention_layers = KVShape.from_gguf(model_path).full_attention_layers
     for row in rows:  # before the reference is computed: a row's mistake costs nothing
         stray = sorted(row.codec.layers_named - set(full_attention_layers)) if row.codec else []
         if stray:

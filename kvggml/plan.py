@@ -122,6 +122,11 @@ class KVShape:
             n_swa=n_swa,
         )
 
+    @property
+    def full_attention_layers(self) -> list[int]:
+        """The model's numbers of its full-attention layers: the ones compression applies to."""
+        return [il for il, sliding in enumerate(self.sliding) if not sliding]
+
     def width(self, sliding: bool) -> int:
         """K + V values per cell, summed over the full-attention (or the sliding) layers."""
         return sum(k + v for k, v, s in zip(self.k_widths, self.v_widths, self.sliding, strict=True) if s == sliding)
@@ -297,7 +302,7 @@ def plan(path: Path, n_ctx: int, config: CompressionConfig, memory: int | None =
         "architecture": shape.architecture,
         "context_length": shape.context_length,
         "layers": len(shape.sliding),
-        "full_attention_layers": [il for il, s in enumerate(shape.sliding) if not s],
+        "full_attention_layers": shape.full_attention_layers,
         "sliding_window": shape.n_swa,
         "k_widths": sorted(set(shape.k_widths)),
         "v_widths": sorted(set(shape.v_widths)),

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model or default_model_path()
-    layers = [il for il, sliding in enumerate(KVShape.from_gguf(model).sliding) if not sliding]
+    layers = KVShape.from_gguf(model).full_attention_layers
     rows = [Row.parse(f"f16@{il}={args.codec}|f16") for il in layers]
     rows += [Row.parse(f"f16|f16@{il}={args.codec}") for il in layers]
     os.environ.setdefault("KVGGML_LIB", "stock")  # offline, as kvggml eval

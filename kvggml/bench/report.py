@@ -26,8 +26,13 @@ def params_text(params: dict) -> str:
     """What tells a refused cell from its neighbours: its context or depth, and speed's flash attention."""
     words = [f"{k} {v}" for k, v in params.items() if k in ("n_ctx", "depth")]
     if "flash_attn" in params:
-        words.append(f"flash attention {'on' if params['flash_attn'] else 'off'}")
+        words.append(f"flash attention {flash_attention(params)}")
     return ", ".join(words)
+
+
+def flash_attention(params: dict) -> str:
+    """A speed cell's flash attention: on unless the cell says off (cells from before the setting: on)."""
+    return "on" if params.get("flash_attn", 1) else "off"
 
 
 def reference(records: list[dict], record: dict, *same: str) -> dict | None:
@@ -99,13 +104,13 @@ def speed_table(records: list[dict]) -> str:
         rows.append(
             [
                 r["variant"],
-                "on" if r["params"].get("flash_attn", 1) else "off",
+                flash_attention(r["params"]),
                 str(threads(r)),
                 str(r["params"]["depth"]),
                 rate(result["prefill"]) if "prefill" in result else "–",
                 rate(result["decode"]),
                 ratio(result["decode"]["mean"], best and best["result"]["decode"]["mean"]),
-                best and f"{best['variant']}, flash attention {'on' if best['params'].get('flash_attn', 1) else 'off'}",
+                best and f"{best['variant']}, flash attention {flash_attention(best['params'])}",
             ]
         )
     header = ["cache", "flash attention", "threads", "depth", "prefill tok/s", "decode tok/s"]

@@ -51,8 +51,8 @@ class Variant:
         name, *settings = label.split(";")
         if name in VARIANTS:
             library, cache_type, preset = VARIANTS[name]
-        elif name.startswith("kvggml ") and is_preset(name.removeprefix("kvggml ")):  # K's and V's: "kvggml hi/lo"
-            library, cache_type, preset = "patched", "f16", name.removeprefix("kvggml ")
+        elif name.startswith("kvggml ") and is_preset(kv_preset := name.removeprefix("kvggml ")):  # or "kvggml hi/lo"
+            library, cache_type, preset = "patched", "f16", kv_preset
         else:
             raise ValueError(
                 f"variant {label!r}: unknown {name!r}: expected one of {', '.join(VARIANTS)}, or kvggml K/V "
