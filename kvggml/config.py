@@ -91,6 +91,31 @@ def parse_preset(env: str, raw: str) -> str:
     return value
 
 
+LAYERS_ALLOWED = "LAYERS=PRESET items separated by spaces, LAYERS model layer numbers (e.g. 5,11=hi 17=hi/lo)"
+
+
+def parse_layers(env: str, raw: str) -> tuple[tuple[int, str], ...]:
+    """(model layer, preset) pairs by layer; the messages are the library's (kvggml/csrc/config.cpp)."""
+    presets: dict[int, str] = {}
+    for item in raw.split() or [""]:
+        layers, equals, preset = item.partition("=")
+        numbers = layers.split(",")
+        if not equals or not all(re.fullmatch(r"\d{1,5}", n) and int(n) <= 65535 for n in numbers):
+            raise ConfigError(
+                f"{env}={raw!r} item '{item}' is not LAYERS=PRESET: expected items separated by spaces, LAYERS "
+                "model layer numbers from 0 to 65535 separated by commas (e.g. 5,11=hi 17=hi/lo)"
+            )
+        if not is_preset(preset):
+            raise ConfigError(
+                f"{env}={raw!r} item '{item}': preset '{preset}' is not allowed: expected {PRESETS_ALLOWED}"
+            )
+        for layer in map(int, numbers):
+            if layer in presets:
+                raise ConfigError(f"{env}={raw!r} names layer {layer} twice: each layer takes one preset")
+            presets[layer] = preset
+    return tuple(sorted(presets.items()))
+
+
 def parse_budget(env: str, raw: str) -> tuple[int, float]:
     """(bytes, fraction of f16), one of them 0; the messages are the library's (kvggml/csrc/config.cpp)."""
     value = raw.strip()
@@ -137,6 +162,13 @@ SETTINGS: dict[str, Setting] = {
         "bits per wavelet subband (see Presets): fine (6.7 bits/element), hi (5.2), balanced (3.5), lo (3.4); "
         "K/V gives keys and values presets of their own: hi/lo (4.3)",
         text=(PRESETS_ALLOWED, parse_preset),
+    ),
+    "layers": Setting(
+        "OLLAMA_KV_COMPRESSION_LAYERS",
+        "",
+        "model layers whose K and V take a preset of their own instead of PRESET, e.g. 18=hi/balanced for a "
+        "layer whose keys are far more sensitive than the others' (see Layers apart); full-attention layers only",
+        text=(LAYERS_ALLOWED, parse_layers),
     ),
     "sinks": Setting(
         "OLLAMA_KV_COMPRESSION_SINKS", 4, "first tokens of each sequence kept exact (attention sinks)", min=0, max=4096
@@ -190,6 +222,7 @@ class CompressionConfig:
     threshold: int = 512
     level: int = 4
     preset: str = "balanced"
+    layers: tuple[tuple[int, str], ...] = ()  # (model layer, its preset), by layer
     sinks: int = 4
     hadamard: bool = True
     schedule: tuple[Step, ...] = ()
@@ -206,17 +239,26 @@ class CompressionConfig:
         none, the detail subbands dropped finest first (D_1, ..., D_{L-1}) at no age (the budget's alone)."""
         if self.schedule or self.budget == (0, 0.0):
             return self.schedule
-        bits, steps = list(widest_bits(self.preset, self.level)), []
+        bits, steps = list(self.widest_bits()), []
         for k in range(self.level, 1, -1):
             bits[k] = 0
             steps.append(Step(0xFFFFFFFF, tuple(bits)))
         return tuple(steps)
 
-    def codec(self, role: str) -> HaarCodec:
-        """The codec the library applies with these settings to K (role "k") or V ("v")."""
+    def preset_of(self, layer: int | None) -> str:
+        """Model layer `layer`'s preset: its own, or the preset (layer None: the preset)."""
+        return dict(self.layers).get(layer, self.preset)
+
+    def widest_bits(self) -> tuple[int, ...]:
+        """Per subband the widest of K's and V's widths, over the preset and every layer's."""
+        return widest_bits([self.preset, *(preset for _, preset in self.layers)], self.level)
+
+    def codec(self, role: str, layer: int | None = None) -> HaarCodec:
+        """The codec the library applies with these settings to K (role "k") or V ("v") of model layer
+        `layer` (None: a layer without a preset of its own)."""
         from kvggml.codecs import HaarCodec  # numpy: only when asked, so reading settings stays light
 
-        bits = role_bits(self.preset, self.level)[role == "v"]
+        bits = role_bits(self.preset_of(layer), self.level)[role == "v"]
         return HaarCodec(levels=self.level, bits=bits, hadamard=self.hadamard)
 
     @classmethod
@@ -230,6 +272,7 @@ class CompressionConfig:
             values[f.name] = bool(value) if f.type in ("bool", bool) else value
         values["schedule"] = schedule_steps(environ.get(SETTINGS["schedule"].env, ""), values)
         values["budget"] = values["budget"] or (0, 0.0)
+        values["layers"] = values["layers"] or ()
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
@@ -238,6 +281,7 @@ class CompressionConfig:
             for name in ("enabled", "threshold", "level", "preset", "sinks", "hadamard")
             for v in [getattr(self, name)]
         }
+        env[SETTINGS["layers"].env] = " ".join(f"{layer}={preset}" for layer, preset in self.layers)
         env[SETTINGS["schedule"].env] = ",".join(f"{s.age}:{'.'.join(map(str, s.bits))}" for s in self.schedule)
         bytes_, fraction = self.budget
         env[SETTINGS["budget"].env] = str(fraction) if fraction else str(bytes_) if bytes_ else ""
@@ -248,7 +292,9 @@ def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
     """The parsed schedule checked against the level and preset, with the library's messages."""
     env = SETTINGS["schedule"].env
     what = f"{env}={raw!r}"
-    before, steps = widest_bits(values["preset"], values["level"]), []
+    presets = [values["preset"], *(preset for _, preset in values["layers"] or ())]
+    before, steps = widest_bits(presets, values["level"]), []
+    first = f"preset {values['preset']}'s" + ("" if len(presets) == 1 else " and the layers', widest")
     for age, widths in values["schedule"] or ():
         item = f"{age}:{widths}"
         parts = widths.split(".")
@@ -262,7 +308,7 @@ def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
         if widened:
             raise ConfigError(
                 f"{what} step '{item}' widens subband {widened[0]}: each step's widths must be at most the step "
-                f"before's (the first: preset {values['preset']}'s)"
+                f"before's (the first: {first})"
             )
         if bits == tuple(before) or (steps and age <= steps[-1].age):
             raise ConfigError(

@@ -177,12 +177,20 @@ def compress_state(
 
 
 def apply_policy(
-    state: KVState, config: CompressionConfig, sinks: int, window: int, n_head_kv: int, n_ctx: int, n_batch: int
+    state: KVState,
+    config: CompressionConfig,
+    sinks: int,
+    window: int,
+    n_head_kv: int,
+    n_ctx: int,
+    n_batch: int,
+    model_layers: list[int],
 ) -> tuple[int, int, int, np.ndarray]:
-    """The library's preset and hierarchy applied in place to the full-attention cache's old cells, as
+    """The library's presets and hierarchy applied in place to the full-attention cache's old cells, as
     one sequence: (compressed elements, compressed bytes, compressed tokens, step of each block).
-    The budget counts the exact cells the library allocates for this n_ctx and n_batch."""
-    codecs, ladder = {role: config.codec(role) for role in ("k", "v")}, config.ladder()
+    The budget counts the exact cells the library allocates for this n_ctx and n_batch; model_layers:
+    the model's number of each of that cache's layers (a layer may take a preset of its own)."""
+    ladder = config.ladder()
     widths = [step.bits for step in ladder]
     (stream,) = [s for s in state.streams if s.part == 0]
     old = old_cells(stream, sinks, window, config.block_tokens)
@@ -190,8 +198,9 @@ def apply_policy(
         return 0, 0, 0, np.zeros(0, np.int64)
     roles = stream.k + stream.v
     shape = lambda rows: (len(old), n_head_kv, rows.n_embd // n_head_kv)  # noqa: E731
-    ladder_of = lambda rows: codecs[rows.role].ladder(rows.read(state.blob)[old].reshape(shape(rows)), widths)  # noqa: E731
-    sizes = sum(codecs[r.role].ladder_sizes(ladder_of(r)) for r in roles)
+    codec_of = lambda rows: config.codec(rows.role, model_layers[rows.layer])  # noqa: E731
+    ladder_of = lambda rows: codec_of(rows).ladder(rows.read(state.blob)[old].reshape(shape(rows)), widths)  # noqa: E731
+    sizes = sum(codec_of(r).ladder_sizes(ladder_of(r)) for r in roles)
     ends = stream.positions[old].reshape(-1, config.block_tokens).max(axis=1) + 1
     ages = stream.positions.max() + 1 - ends
     per_token = sum(2 * r.n_embd for r in roles)
@@ -200,7 +209,7 @@ def apply_policy(
     steps = block_steps(ladder, ages, sizes, cells * per_token, budget)
     for rows in roles:
         values = rows.read(state.blob)
-        values[old] = codecs[rows.role].decode_ladder(ladder_of(rows), steps, shape(rows)).reshape(len(old), -1)
+        values[old] = codec_of(rows).decode_ladder(ladder_of(rows), steps, shape(rows)).reshape(len(old), -1)
         rows.write(state.blob, values)
     nbytes = int(sizes[np.arange(len(steps)), steps].sum())
     return len(old) * per_token // 2, nbytes, len(old), steps
@@ -226,7 +235,10 @@ def evaluate(
     n_ctx = n_prefill + n_score
     full_attention_layers = KVShape.from_gguf(model_path).full_attention_layers
     for row in rows:  # before the reference is computed: a row's mistake costs nothing
-        stray = sorted(row.codec.layers_named - set(full_attention_layers)) if row.codec else []
+        named = (
+            row.codec.layers_named if row.codec else {layer for layer, _ in row.policy.layers} if row.policy else set()
+        )
+        stray = sorted(named - set(full_attention_layers))
         if stray:
             raise ValueError(
                 f"row {row.label!r}: layer {', '.join(map(str, stray))} is not one that compression applies to: "
@@ -276,7 +288,7 @@ def evaluate(
                     )
                 if row.policy is not None:
                     elements, nbytes, n_tok, steps = apply_policy(
-                        state, row.policy, sinks, window, n_head_kv, n_ctx, n_batch
+                        state, row.policy, sinks, window, n_head_kv, n_ctx, n_batch, full_attention_layers
                     )
                 ref_run.set_state(state.bytes())
                 if evicted:

@@ -223,13 +223,14 @@ def stock_footprint(shape: KVShape, cache_type: str, n_ctx: int) -> Footprint:
 
 
 @functools.lru_cache
-def block_bytes(config: CompressionConfig, channels: int, role: str) -> int:
-    """Encoded size of one block of K's (role "k") or V's `channels` values per token, every group
-    present. Real K and V can be a few bytes smaller: a detail group that is all zero (the V of a token repeated next to
-    itself) is not stored. The rotation does not change the size, so none is applied."""
+def block_bytes(config: CompressionConfig, channels: int, role: str, layer: int) -> int:
+    """Encoded size of one block of model layer `layer`'s K (role "k") or V, `channels` values per
+    token, every group present. Real K and V can be a few bytes smaller: a detail group that is all
+    zero (the V of a token repeated next to itself) is not stored. The rotation does not change the
+    size, so none is applied."""
     import numpy as np
 
-    codec = dataclasses.replace(config, hadamard=False).codec(role)
+    codec = dataclasses.replace(config, hadamard=False).codec(role, layer)
     block = np.random.default_rng(0).standard_normal((config.block_tokens, channels)).astype(np.float32)
     return len(codec.encode_block(block, channels))
 
@@ -247,8 +248,8 @@ def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_re
     n_read = n_ctx if n_read is None else n_read
     old = max(0, n_read - config.sinks - config.threshold) // config.block_tokens  # whole blocks
     per_block = sum(
-        block_bytes(config, k, "k") + block_bytes(config, v, "v")
-        for k, v, s in zip(shape.k_widths, shape.v_widths, shape.sliding, strict=True)
+        block_bytes(config, k, "k", layer) + block_bytes(config, v, "v", layer)
+        for layer, (k, v, s) in enumerate(zip(shape.k_widths, shape.v_widths, shape.sliding, strict=True))
         if not s
     )
     return Footprint(
@@ -258,12 +259,16 @@ def kvggml_footprint(shape: KVShape, config: CompressionConfig, n_ctx: int, n_re
 
 def settings(shape: KVShape, config: CompressionConfig) -> dict[str, Callable[[int], Footprint]]:
     """Each setting's footprint as a function of n_ctx: stock's three cache types, then each kvggml
-    preset, and K/V presets, with config's window, sinks and level."""
+    preset, and K/V presets, with config's window, sinks and level; with layers of their own
+    (OLLAMA_KV_COMPRESSION_LAYERS), config's preset with them too."""
     stock = {f"stock {t}": functools.partial(stock_footprint, shape, t) for t in CACHE_TYPES}
     kvggml = {
-        f"kvggml {p}": functools.partial(kvggml_footprint, shape, dataclasses.replace(config, preset=p))
+        f"kvggml {p}": functools.partial(kvggml_footprint, shape, dataclasses.replace(config, preset=p, layers=()))
         for p in (*PRESETS, *KEYS_VALUES_PRESETS)
     }
+    if config.layers:
+        layers = " ".join(f"{layer}={preset}" for layer, preset in config.layers)
+        kvggml[f"kvggml {config.preset};LAYERS={layers}"] = functools.partial(kvggml_footprint, shape, config)
     return {**stock, **kvggml}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Subband widths of the named presets: A_L, then details D_1 (finest), D_2, D_3, D_4 and coarser.
 # Chosen with `kvggml eval` on SmolLM2 (README, "Presets"); the library reads the same table
 # (kvggml/csrc/config.cpp) for OLLAMA_KV_COMPRESSION_PRESET.
@@ -39,9 +41,10 @@ def role_bits(preset: str, levels: int) -> tuple[tuple[int, ...], tuple[int, ...
     return preset_bits(k, levels), preset_bits(v, levels)
 
 
-def widest_bits(preset: str, levels: int) -> tuple[int, ...]:
-    """Per subband the wider of K's and V's widths: where a schedule and the budget's ladder start."""
-    return tuple(map(max, *role_bits(preset, levels)))
+def widest_bits(presets: Iterable[str], levels: int) -> tuple[int, ...]:
+    """Per subband the widest of K's and V's widths over `presets` (the preset and the layers' own):
+    where a schedule and the budget's ladder start."""
+    return tuple(map(max, *(bits for preset in presets for bits in role_bits(preset, levels))))
 
 
 def preset_bits(preset: str, levels: int) -> tuple[int, ...]:

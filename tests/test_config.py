@@ -26,7 +26,7 @@ def test_values_are_parsed():
         "OLLAMA_KV_COMPRESSION_HADAMARD": "0",
     }
     config = CompressionConfig.from_env(env)
-    assert config == CompressionConfig(True, 1024, 3, "lo", 0, False)
+    assert config == CompressionConfig(enabled=True, threshold=1024, level=3, preset="lo", sinks=0, hadamard=False)
     assert CompressionConfig.from_env(config.to_env()) == config
 
 
@@ -58,6 +58,26 @@ def test_keys_and_values_take_presets_of_their_own():
     assert CompressionConfig.from_env(config.to_env()) == config
 
 
+def test_layers_take_presets_of_their_own():
+    env = {"OLLAMA_KV_COMPRESSION_LAYERS": " 18=hi/balanced  3,5=fine", "OLLAMA_KV_COMPRESSION_BUDGET": "0.2"}
+    config = CompressionConfig.from_env(env)
+    assert config.layers == ((3, "fine"), (5, "fine"), (18, "hi/balanced"))
+    assert config.codec("k", 18).bits == (8, 7, 6, 5, 4) and config.codec("v", 18).bits == (6, 4, 3, 3, 3)
+    assert config.codec("k", 3).bits == (8, 8, 7, 6, 6) and config.codec("k", 4) == config.codec("k")
+    assert config.codec("v", None).bits == (6, 4, 3, 3, 3)
+    # the budget's ladder starts from the widest of every layer's widths; each stream keeps its own
+    assert [s.bits for s in config.ladder()] == [(8, 8, 7, 6, 0), (8, 8, 7, 0, 0), (8, 8, 0, 0, 0)]
+    assert CompressionConfig.from_env(config.to_env()) == config
+    # a schedule may start from a layer's wider widths, no wider than the widest
+    schedule = {"OLLAMA_KV_COMPRESSION_LAYERS": "18=hi", "OLLAMA_KV_COMPRESSION_SCHEDULE": "2048:8.7.6.5.0"}
+    assert CompressionConfig.from_env(schedule).schedule == (Step(2048, (8, 7, 6, 5, 0)),)
+    with pytest.raises(
+        ConfigError, match=r"widens subband 1: .*\(the first: preset balanced's and the layers', widest\)"
+    ):
+        CompressionConfig.from_env({**schedule, "OLLAMA_KV_COMPRESSION_SCHEDULE": "2048:8.8.6.5.0"})
+
+
+BAD_LAYERS = "is not LAYERS=PRESET: expected items separated by spaces, LAYERS model layer numbers from 0 to 65535"
 BAD_VALUES = [
     ("OLLAMA_KV_COMPRESSION", "2", "out of range: expected an integer from 0 to 1"),
     ("OLLAMA_KV_COMPRESSION", "yes", "is not an integer: expected an integer from 0 to 1"),
@@ -73,6 +93,14 @@ BAD_VALUES = [
     ),
     ("OLLAMA_KV_COMPRESSION_PRESET", "hi/lo/lo", "is not allowed: expected one of fine, hi, balanced, lo, or two"),
     ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048:8.7.6.5.0", "widens subband 0"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "18", f"item '18' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", " ", f"item '' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "5, 11=hi", f"item '5,' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "-1=hi", f"item '-1=hi' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "65536=hi", f"item '65536=hi' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "5,=hi", f"item '5,=hi' {BAD_LAYERS}"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "5=max", "item '5=max': preset 'max' is not allowed: expected one of fine"),
+    ("OLLAMA_KV_COMPRESSION_LAYERS", "5=hi 3,5=lo", "names layer 5 twice: each layer takes one preset"),
     ("OLLAMA_KV_COMPRESSION_SINKS", "99999", "out of range: expected an integer from 0 to 4096"),
     ("OLLAMA_KV_COMPRESSION_HADAMARD", "on", "is not an integer: expected an integer from 0 to 1"),
     ("OLLAMA_KV_COMPRESSION_SCHEDULE", "2048", "is not a schedule: expected AGE:WIDTHS steps"),

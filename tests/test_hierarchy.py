@@ -21,9 +21,13 @@ SCHEDULE = {"OLLAMA_KV_COMPRESSION_SCHEDULE": "512:6.4.3.3.0,1024:6.4.3.0.0"}
 
 @pytest.mark.parametrize(
     "name,value",
-    [(n, v) for n, v, _ in BAD_VALUES if n in ("OLLAMA_KV_COMPRESSION_SCHEDULE", "OLLAMA_KV_COMPRESSION_BUDGET")],
+    [
+        (n, v)
+        for n, v, _ in BAD_VALUES
+        if n in ("OLLAMA_KV_COMPRESSION_SCHEDULE", "OLLAMA_KV_COMPRESSION_BUDGET", "OLLAMA_KV_COMPRESSION_LAYERS")
+    ],
 )
-def test_the_library_refuses_a_bad_hierarchy_setting_as_python_does(tmp_path, name, value):
+def test_the_library_refuses_a_bad_setting_as_python_does(tmp_path, name, value):
     with pytest.raises(ConfigError) as err:
         CompressionConfig.from_env({name: value})
     report = probe(tmp_path, "patched", {**ON, name: value}, logits_last=0)
@@ -90,15 +94,23 @@ def test_the_budget_holds_after_every_micro_batch_while_the_context_fills():
     assert out["totals"][-1] > 0.97 * stats["budget_bytes"]
 
 
-@pytest.mark.parametrize("preset", ["balanced", "hi/lo"])
-def test_the_offline_evaluator_runs_the_same_policy(tmp_path, llama_cpp, model_path, text, monkeypatch, preset):
+@pytest.mark.parametrize(
+    "presets",
+    [
+        {"OLLAMA_KV_COMPRESSION_PRESET": "balanced"},
+        {"OLLAMA_KV_COMPRESSION_PRESET": "hi/lo"},
+        {"OLLAMA_KV_COMPRESSION_LAYERS": "18=hi/lo 3=lo"},
+    ],
+    ids=["balanced", "hi/lo", "layers"],
+)
+def test_the_offline_evaluator_runs_the_same_policy(tmp_path, llama_cpp, model_path, text, monkeypatch, presets):
     from kvggml.evaluate import Row, evaluate
 
     n_prefill, n_score = 2048, 512
-    # the schedule's later steps are the budget's: no block is that old. With hi/lo each step
-    # narrows K and V to at most its widths, each from its own preset's.
+    # the schedule's later steps are the budget's: no block is that old. With hi/lo (or a layer's
+    # preset) each step narrows K and V to at most its widths, each from its own preset's.
     hierarchy = {
-        "OLLAMA_KV_COMPRESSION_PRESET": preset,
+        **presets,
         "OLLAMA_KV_COMPRESSION_SCHEDULE": "1024:6.4.3.3.0,1000000:6.4.3.0.0,2000000:6.4.0.0.0",
         # the exact cells (all 2560: a 2048-token batch) and 4.5 MB of blocks
         "OLLAMA_KV_COMPRESSION_BUDGET": str(2560 * 23040 + 4_500_000),

@@ -65,6 +65,15 @@ def test_the_longest_context_is_the_largest_that_fits():
     assert by["kvggml balanced"] > by["stock q8_0"] > by["stock f16"]
 
 
+def test_a_layer_with_a_preset_of_its_own_is_planned_with_it():
+    shape = KVShape.from_gguf(default_model_path())
+    at = settings(shape, CompressionConfig.from_env({"OLLAMA_KV_COMPRESSION_LAYERS": "18=hi"}))
+    base, hi, layered = (at[name](8192) for name in ("kvggml balanced", "kvggml hi", "kvggml balanced;LAYERS=18=hi"))
+    # SmolLM2's 30 layers are alike: one at hi is a thirtieth of the way from balanced's blocks to hi's
+    assert layered.compressed_bytes - base.compressed_bytes == (hi.compressed_bytes - base.compressed_bytes) // 30 > 0
+    assert layered.exact_bytes == base.exact_bytes
+
+
 @pytest.mark.parametrize(
     "raw,size", [("2GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096)]
 )

@@ -108,13 +108,22 @@ def test_flash_attention_off_reads_the_same_tier(runs):
     assert 0 < kld_no_fa < 2 * kld_fa
 
 
-@pytest.mark.parametrize("preset", ["balanced", "hi/lo"])
-def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, model_path, text, preset):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"OLLAMA_KV_COMPRESSION_PRESET": "balanced"},
+        {"OLLAMA_KV_COMPRESSION_PRESET": "hi/lo"},
+        {"OLLAMA_KV_COMPRESSION_PRESET": "lo", "OLLAMA_KV_COMPRESSION_LAYERS": "18=hi/balanced 0,7=fine"},
+    ],
+    ids=["balanced", "hi/lo", "layers"],
+)
+def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, model_path, text, settings):
     from kvggml.config import CompressionConfig
     from kvggml.evaluate import Row, evaluate
+    from kvggml.plan import KVShape, kvggml_footprint
 
     n_prefill, n_score = 2048, 512
-    env = {"OLLAMA_KV_COMPRESSION": "1", "OLLAMA_KV_COMPRESSION_PRESET": preset}
+    env = {"OLLAMA_KV_COMPRESSION": "1", **settings}
     # the prefix in one micro-batch, as the offline evaluator reads it: compression happens after
     # it, so both runs compress the same exact K/V and differ only in where the codec runs
     args = dict(n_ctx=n_prefill + n_score, n_batch=n_prefill, tokens=n_prefill + n_score, logits_last=n_score)
@@ -131,10 +140,15 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
         sinks=4,
         n_threads=2,
     )["rows"][0]
-    # the same blocks, the same codec bit for bit (K at K's widths, V at V's): the same tokens and
-    # bytes compressed, KLD within 20 %
+    # the same blocks, the same codec bit for bit (K at K's widths, V at V's, each layer at its
+    # preset's): the same tokens and bytes compressed, KLD within 20 %
     assert native["stats_after_prefix"]["compressed_tokens"] == offline["compressed_tokens"] == 1520
     assert native["stats_after_prefix"]["compressed_bytes"] == offline["compressed_bytes"]
+    # and `kvggml info`'s plan from the GGUF alone bounds them (an all-zero detail group is not stored)
+    predicted = kvggml_footprint(
+        KVShape.from_gguf(model_path), CompressionConfig.from_env(env), n_prefill + n_score, n_prefill
+    )
+    assert 0.999 * predicted.compressed_bytes <= offline["compressed_bytes"] <= predicted.compressed_bytes
     native_kld = mean_kld(stock["logits"], native["logits"])
     assert abs(native_kld - offline["kld_mean"]) < 0.2 * offline["kld_mean"], (native_kld, offline["kld_mean"])
 
@@ -163,6 +177,13 @@ def test_native_tier_agrees_with_the_offline_evaluator(tmp_path, llama_cpp, mode
             "hi/max",
             "OLLAMA_KV_COMPRESSION_PRESET='hi/max' is not allowed: expected one of fine, hi, balanced, lo, or two "
             "of them as K/V, K's preset then V's (e.g. hi/lo)",
+        ),
+        (
+            "OLLAMA_KV_COMPRESSION_LAYERS",
+            "3=hi 30=hi",
+            "OLLAMA_KV_COMPRESSION_LAYERS names layer 30, which compression does not apply to: allowed this "
+            "model's full-attention layers, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, "
+            "20, 21, 22, 23, 24, 25, 26, 27, 28, 29",
         ),
     ],
 )

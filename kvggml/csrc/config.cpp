@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <iterator>
+#include <sstream>
 #include <cstdlib>
 #include <utility>
 #include <stdexcept>
@@ -78,7 +79,7 @@ SubbandBits parse_widths(const std::string & text, uint32_t level, const std::st
 }
 
 // "AGE:WIDTHS,AGE:WIDTHS": ages increasing, each step's widths at most the one before (the
-// first: the preset's) and narrower somewhere.
+// first: the widest of the presets') and narrower somewhere.
 std::vector<Step> parse_schedule(const char * name, const std::string & raw, const Config & c) {
     const std::string what = std::string(name) + "='" + raw + "'";
     std::vector<Step> steps;
@@ -101,7 +102,7 @@ std::vector<Step> parse_schedule(const char * name, const std::string & raw, con
             if (step.bits[k] > before[k]) {
                 throw std::invalid_argument(what + " step '" + item + "' widens subband " + std::to_string(k) +
                                             ": each step's widths must be at most the step before's (the first: preset " +
-                                            c.preset + "'s)");
+                                            c.preset + (c.layer_presets.empty() ? "'s)" : "'s and the layers', widest)"));
             }
             narrower = narrower || step.bits[k] < before[k];
         }
@@ -193,8 +194,13 @@ std::pair<std::string, std::string> split_preset(const std::string & name) {
 
 } // namespace
 
-SubbandBits Config::subband_bits(bool is_v) const {
-    const auto [k_name, v_name] = split_preset(preset);
+const std::string & Config::preset_of(uint32_t il) const {
+    const auto it = layer_presets.find(il);
+    return it == layer_presets.end() ? preset : it->second;
+}
+
+SubbandBits Config::subband_bits(bool is_v, uint32_t il) const {
+    const auto [k_name, v_name] = split_preset(preset_of(il));
     const Preset * p = find_preset(is_v ? v_name : k_name);
     SubbandBits bits{};
     bits[0] = p->approximation;
@@ -206,10 +212,18 @@ SubbandBits Config::subband_bits(bool is_v) const {
 }
 
 SubbandBits Config::widest_bits() const {
-    SubbandBits bits = subband_bits(false);
-    const SubbandBits v = subband_bits(true);
-    for (size_t k = 0; k < bits.size(); ++k) {
-        bits[k] = std::max(bits[k], v[k]);
+    SubbandBits bits{};
+    const auto widen = [&](uint32_t il) {
+        for (const bool is_v : {false, true}) {
+            const SubbandBits role = subband_bits(is_v, il);
+            for (size_t k = 0; k < bits.size(); ++k) {
+                bits[k] = std::max(bits[k], role[k]);
+            }
+        }
+    };
+    widen(UINT32_MAX);  // a layer without a preset of its own
+    for (const auto & [il, name] : layer_presets) {
+        widen(il);
     }
     return bits;
 }
@@ -218,6 +232,50 @@ bool is_preset(const std::string & name) {
     const auto [k_name, v_name] = split_preset(name);
     return find_preset(k_name) != nullptr && find_preset(v_name) != nullptr;
 }
+
+namespace {
+
+// "5,11=hi 17=hi/lo": LAYERS=PRESET items separated by spaces, each layer named once.
+std::map<uint32_t, std::string> parse_layers(const char * name, const std::string & raw) {
+    const std::string what = std::string(name) + "='" + raw + "'";
+    std::map<uint32_t, std::string> presets;
+    std::istringstream items(raw);
+    std::string item;
+    while (items >> item || presets.empty()) {  // no item at all: one empty item, refused
+        const size_t equals = item.find('=');
+        std::vector<uint32_t> layers;
+        for (size_t from = 0; equals != std::string::npos && from <= equals;) {
+            const size_t comma = std::min(item.find(',', from), equals);
+            const std::string number = item.substr(from, comma - from);
+            if (number.empty() || number.size() > 5 || number.find_first_not_of("0123456789") != std::string::npos ||
+                std::stoul(number) > 65535) {
+                layers.clear();
+                break;
+            }
+            layers.push_back((uint32_t) std::stoul(number));
+            from = comma + 1;
+        }
+        if (layers.empty()) {
+            throw std::invalid_argument(what + " item '" + item + "' is not LAYERS=PRESET: expected items separated by "
+                                        "spaces, LAYERS model layer numbers from 0 to 65535 separated by commas "
+                                        "(e.g. 5,11=hi 17=hi/lo)");
+        }
+        const std::string preset = item.substr(equals + 1);
+        if (!is_preset(preset)) {
+            throw std::invalid_argument(what + " item '" + item + "': preset '" + preset + "' is not allowed: " +
+                                        kPresetsAllowed);
+        }
+        for (const uint32_t layer : layers) {
+            if (!presets.emplace(layer, preset).second) {
+                throw std::invalid_argument(what + " names layer " + std::to_string(layer) +
+                                            " twice: each layer takes one preset");
+            }
+        }
+    }
+    return presets;
+}
+
+} // namespace
 
 Config Config::from_env() {
     Config c;
@@ -235,6 +293,9 @@ Config Config::from_env() {
                                         kPresetsAllowed);
         }
         c.preset = value;
+    }
+    if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_LAYERS"); raw != nullptr && *raw != '\0') {
+        c.layer_presets = parse_layers("OLLAMA_KV_COMPRESSION_LAYERS", raw);
     }
     if (const char * raw = std::getenv("OLLAMA_KV_COMPRESSION_SCHEDULE"); raw != nullptr && *raw != '\0') {
         c.schedule = parse_schedule("OLLAMA_KV_COMPRESSION_SCHEDULE", raw, c);

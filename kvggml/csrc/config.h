@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,9 @@ struct Config {
     uint32_t threshold = 512;   // most recent tokens per sequence kept exact
     uint32_t level     = 4;     // Haar levels; a block is 2^level tokens
     std::string preset = "balanced";  // a preset, or K's and V's: "hi/lo" (keys are the sensitive half)
+    // OLLAMA_KV_COMPRESSION_LAYERS: model layers that take a preset of their own, e.g. a layer whose
+    // keys are far more sensitive than the others' (README, "Layers apart")
+    std::map<uint32_t, std::string> layer_presets;
     uint32_t sinks     = 4;     // first tokens per sequence kept exact
     bool     hadamard  = true;
     std::vector<Step> schedule;  // OLLAMA_KV_COMPRESSION_SCHEDULE, ages increasing, widths narrowing
@@ -43,9 +47,13 @@ struct Config {
     bool     direct    = true;   // attention reads the blocks' coefficients (attention-direct.cpp), not f16 copies
 
     uint32_t block_tokens() const { return 1u << level; }
-    // Width per subband of K's (is_v false) or V's preset, A_L first then D_L .. D_1 (level + 1 entries).
-    SubbandBits subband_bits(bool is_v) const;
-    // Per subband the wider of K's and V's: where a schedule and the budget's ladder start.
+    // Model layer il's preset: its own (layer_presets), or the preset.
+    const std::string & preset_of(uint32_t il) const;
+    // Width per subband of K's (is_v false) or V's preset in model layer il, A_L first then D_L .. D_1
+    // (level + 1 entries).
+    SubbandBits subband_bits(bool is_v, uint32_t il) const;
+    // Per subband the widest of K's and V's, over the preset and every layer's: where a schedule and
+    // the budget's ladder start.
     SubbandBits widest_bits() const;
     // The steps a block walks: the schedule, or, with a budget and no schedule, the preset's
     // detail subbands dropped finest first (steps the budget alone takes).

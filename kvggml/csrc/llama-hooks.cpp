@@ -8,6 +8,7 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <string>
 
 #include "attention.h"
 #include "config.h"
@@ -96,8 +97,12 @@ void kvggml_attach(llama_memory_i * memory, const llama_cparams & cparams) {
     } catch (const std::invalid_argument & err) {
         refuse(err);  // the model's cache cannot take compression: Tier says why
     }
+    std::string presets = cfg.preset;
+    for (const auto & [il, preset] : cfg.layer_presets) {
+        presets += ", layer " + std::to_string(il) + " " + preset;
+    }
     LLAMA_LOG_INFO("%s: kvggml compression on: window %u, sinks %u, level %u, preset %s, %u f16 cells for n_ctx %u\n",
-                   __func__, cfg.threshold, cfg.sinks, cfg.level, cfg.preset.c_str(), kv->get_size(), cparams.n_ctx_seq);
+                   __func__, cfg.threshold, cfg.sinks, cfg.level, presets.c_str(), kv->get_size(), cparams.n_ctx_seq);
 }
 
 void kvggml_after_ubatch(llama_memory_i * memory, ggml_backend_sched * sched) {

@@ -46,16 +46,19 @@ void Tier::init_budget(uint32_t n_ctx_all) {
     const uint64_t f16_at_n_ctx = block_f16_bytes() / cfg.block_tokens() * n_ctx_all;
     budget = cfg.budget.bytes ? cfg.budget.bytes : (uint64_t) (cfg.budget.fraction * (double) f16_at_n_ctx);
     // the most the context can hold: its cells, and every block of n_ctx at its coarsest, at its largest
-    kvggml_codec_params coarsest_k = params_k, coarsest_v = params_v;
     const SubbandBits last = steps.empty() ? cfg.widest_bits() : steps.back().bits;
-    for (uint32_t k = 0; k <= cfg.level; ++k) {  // a step narrows K and V to at most its widths
-        coarsest_k.bits[k] = std::min(coarsest_k.bits[k], last[k]);
-        coarsest_v.bits[k] = std::min(coarsest_v.bits[k], last[k]);
-    }
     const auto & hp = kv.hparams;
-    const uint32_t il0 = kv.layers.front().il;
-    const uint64_t per_block = kv.layers.size() * (block_bound(coarsest_k, (int32_t) hp.n_embd_k_gqa(il0)) +
-                                                   block_bound(coarsest_v, (int32_t) hp.n_embd_v_gqa(il0)));
+    uint64_t per_block = 0;
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        for (const bool is_v : {false, true}) {
+            kvggml_codec_params coarsest = encode_params(ikv, is_v);
+            for (uint32_t k = 0; k <= cfg.level; ++k) {  // a step narrows K and V to at most its widths
+                coarsest.bits[k] = std::min(coarsest.bits[k], last[k]);
+            }
+            const uint32_t il = kv.layers[ikv].il;
+            per_block += block_bound(coarsest, (int32_t) (is_v ? hp.n_embd_v_gqa(il) : hp.n_embd_k_gqa(il)));
+        }
+    }
     const uint64_t need = exact_bytes() + (uint64_t) (n_ctx_all / cfg.block_tokens()) * per_block;
     if (budget < need) {
         throw std::invalid_argument(

@@ -29,7 +29,9 @@ namespace {
 constexpr int32_t kGroup = 64;  // channels per scale (docs/FORMAT.md, G)
 
 // rotated: llama.cpp stores this cache's values in the Hadamard basis already (attn_rot_k/v).
-kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim, bool rotated, bool is_v) {
+// il: the model layer whose preset gives the widths.
+kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t head_dim, bool rotated, bool is_v,
+                                uint32_t il) {
     if (channels % kGroup != 0) {
         throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs K/V rows of a multiple of " +
                                     std::to_string(kGroup) + " values; this model has " + std::to_string(channels));
@@ -39,7 +41,7 @@ kvggml_codec_params make_params(const Config & cfg, int32_t channels, int32_t he
     p.group     = kGroup;
     p.rotation  = cfg.hadamard && !rotated ? head_dim : 1;
     p.threshold = 0.0f;
-    const auto bits = cfg.subband_bits(is_v);
+    const auto bits = cfg.subband_bits(is_v, il);
     std::copy(bits.begin(), bits.begin() + cfg.level + 1, p.bits);
     return p;
 }
@@ -122,6 +124,17 @@ Tier::Tier(const Config & config, llama_kv_cache & kv, const llama_cparams & cpa
             throw std::invalid_argument("OLLAMA_KV_COMPRESSION=1 needs the same K/V width in every layer");
         }
     }
+    for (const auto & [il, preset] : config.layer_presets) {
+        if (kv.map_layer_ids.count((int32_t) il) == 0) {
+            std::string allowed;
+            for (const auto & layer : kv.layers) {
+                allowed += (allowed.empty() ? "" : ", ") + std::to_string(layer.il);
+            }
+            throw std::invalid_argument("OLLAMA_KV_COMPRESSION_LAYERS names layer " + std::to_string(il) +
+                                        ", which compression does not apply to: allowed this model's full-attention "
+                                        "layers, " + allowed);
+        }
+    }
     update_params();
     n_heads_kv = hp.n_head_kv(il0);
     for (const uint32_t width : {hp.n_embd_k_gqa(il0), hp.n_embd_v_gqa(il0)}) {
@@ -171,8 +184,15 @@ uint32_t Tier::cache_basis() const {
 void Tier::update_params() {
     const auto & hp = kv.hparams;
     const uint32_t il0 = kv.layers.front().il;
-    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k, false);
-    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v, true);
+    params_k = make_params(cfg, (int32_t) hp.n_embd_k_gqa(il0), (int32_t) hp.n_embd_head_k(il0), kv.attn_rot_k, false, il0);
+    params_v = make_params(cfg, (int32_t) hp.n_embd_v_gqa(il0), (int32_t) hp.n_embd_head_v(il0), kv.attn_rot_v, true, il0);
+}
+
+kvggml_codec_params Tier::encode_params(size_t ikv, bool is_v) const {
+    kvggml_codec_params p = is_v ? params_v : params_k;
+    const SubbandBits bits = cfg.subband_bits(is_v, kv.layers[ikv].il);
+    std::copy(bits.begin(), bits.begin() + cfg.level + 1, p.bits);
+    return p;
 }
 
 int32_t Tier::model_layer(size_t ikv) const {
@@ -340,7 +360,7 @@ void Tier::encode_runs(size_t ikv, bool is_v, const std::vector<Run> & runs, con
     tensor.resize((size_t) C * kv_size);
     ggml_backend_tensor_get(t, tensor.data(), 0, tensor.size() * sizeof(ggml_fp16_t));
     rows.resize((size_t) B * C);
-    BlockCodec & codec = thread_codec(is_v ? params_v : params_k, (int32_t) C, is_v);
+    BlockCodec & codec = thread_codec(encode_params(ikv, is_v), (int32_t) C, is_v);
     Stream & stream = is_v ? v_streams[ikv] : k_streams[ikv];
     for (const Run & run : runs) {
         for (uint32_t r = 0; r < B; ++r) {

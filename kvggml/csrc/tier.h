@@ -290,7 +290,9 @@ private:
     void append_copy(const Block & blk, const std::vector<Stream> & from_k, const std::vector<Stream> & from_v, size_t b);
     // Move the positions of [p0, p1) of seq_id by new_pos(pos).
     template <typename F> bool move(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1, F new_pos);
-    void update_params();  // codec parameters of new blocks, from cfg
+    void update_params();  // codec parameters of the cache's blocks, from cfg (widths: the first layer's)
+    // The codec parameters of cache layer ikv's new K or V blocks: its model layer's preset's widths.
+    kvggml_codec_params encode_params(size_t ikv, bool is_v) const;
     // Saved with a state: 1 when llama.cpp keeps K Hadamard-rotated (attn_rot_k), + 2 for V.
     uint32_t cache_basis() const;
     void rotate_keys(const Rope & rope, const Block & blk, uint16_t * rows, int64_t C) const;
