@@ -5,7 +5,7 @@ Importing kvggml loads no native library: call `kvggml.library.load_llama_cpp()`
 llama_cpp is imported.
 """
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 
 def __getattr__(name: str):
