@@ -59,9 +59,13 @@ def test_a_layer_set_apart_takes_its_own_codec(report):
     assert 0 < report["f16@3=haar-lo"]["kld_mean"] < report["haar-lo@3=f16"]["kld_mean"] < report["haar-lo"]["kld_mean"]
 
 
-def test_a_layer_compression_does_not_apply_to_is_named_before_anything_runs(llama_cpp, model_path):
+def test_a_layer_compression_does_not_apply_to_is_named_before_anything_runs(llama_cpp, model_path, monkeypatch):
     with pytest.raises(ValueError, match="layer 30 is not one that compression applies to: allowed the model's full"):
         evaluate(llama_cpp, model_path, "never read", [Row.parse("haar@30=haar-lo")], **SMALL)
+    # the library's policy row, with OLLAMA_KV_COMPRESSION_LAYERS
+    monkeypatch.setenv("OLLAMA_KV_COMPRESSION_LAYERS", "3=hi 30=hi")
+    with pytest.raises(ValueError, match="row 'kvggml': layer 30 is not one that compression applies to"):
+        evaluate(llama_cpp, model_path, "never read", [Row.parse("kvggml")], **SMALL)
 
 
 def test_too_short_text_is_a_clear_error(llama_cpp, model_path):
