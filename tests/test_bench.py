@@ -176,6 +176,53 @@ def test_refused_speed_cells_are_told_apart_by_flash_attention():
 
 
 @pytest.mark.fast
+def test_speed_cells_of_a_depth_take_turns_one_repetition_each(monkeypatch):
+    from kvggml.bench import measure
+    from kvggml.bench.run import in_turn
+
+    calls = []
+
+    def fake_run_tool(variant, name, *args, flash_attn):
+        calls.append(variant.label)
+        if "BUDGET" in variant.label:
+            raise measure.Refused("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes, below what this context can need")
+        rate = 10.0 * len(calls)  # the machine drifts: every run is faster than the one before
+        tests = [
+            {"n_prompt": n_prompt, "avg_ts": r, "stddev_ts": 0.0, "samples_ts": [r]}
+            for n_prompt, r in ((512, rate), (0, rate + 1))
+        ]
+        return subprocess.CompletedProcess([], 0, stdout=json.dumps(tests), stderr="")
+
+    monkeypatch.setattr(measure, "run_tool", fake_run_tool)
+    labels = ["stock f16", "kvggml balanced", "kvggml balanced;BUDGET=0.25"]
+    params = {"depth": 512, "flash_attn": 1, "reps": 3, "n_prompt": 512, "n_gen": 64, "n_batch": 512}
+    results = measure.measure_speed_in_turn(
+        [Variant.parse(v) for v in labels], params, measure.Inputs(Path("m"), Path("t"), 2), lambda what: None
+    )
+    # round by round, a refused variant left out after its refusal
+    assert calls == ["stock f16", "kvggml balanced", "kvggml balanced;BUDGET=0.25"] + labels[:2] * 2
+    assert results["stock f16"]["prefill"]["samples"] == [10.0, 40.0, 60.0]
+    assert results["kvggml balanced"]["decode"]["samples"] == [21.0, 51.0, 71.0]
+    assert results["kvggml balanced"]["decode"]["mean"] == pytest.approx(143 / 3)
+    assert results["kvggml balanced;BUDGET=0.25"]["refused"].startswith("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes")
+    # the cells measured together: a depth's speed cells, every other cell alone
+    settings = Settings(
+        **{**QUICK, "depths": [512, 2048]},
+        model=REPO / "m.gguf",
+        text=None,
+        out=REPO,
+        command="kvggml bench",
+        variants=["stock f16", "kvggml balanced"],
+        measurements=["speed", "quality"],
+        no_fill=frozenset(),
+    )
+    groups = in_turn([(c, {}) for c in plan(settings)])
+    both, alone = ["stock f16", "kvggml balanced"], [["stock f16"], ["kvggml balanced"]]
+    assert [[c.variant for c, _ in g] for g in groups] == [both, both, *alone]
+    assert [g[0][0].params["depth"] for g in groups[:2]] == [512, 2048]
+
+
+@pytest.mark.fast
 def test_kld_against_budget_has_a_line_per_setting_ordered_by_budget():
     records = [
         frontier_record("quality", "kvggml balanced;THRESHOLD=256;BUDGET=0.25", {"kld_mean": 0.026}),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,16 +97,49 @@ def measure_memory(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
     }
 
 
-def measure_speed(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
-    res = run_tool(
-        variant,
-        "llama-bench",
-        *("-m", inputs.model, "-p", params["n_prompt"], "-n", params["n_gen"], "-d", params["depth"]),
-        *("-b", params["n_batch"]),
-        *("-r", params["reps"], "-t", inputs.threads, "-o", "json"),
-        flash_attn=bool(params["flash_attn"]),
-    )
-    return speed_result(json.loads(res.stdout))
+# How speed cells are measured, part of their key: cells measured one after another carried the
+# machine's drift into their ratios (stock f16's decode at depth 8192 moved from 29.1 to 20.4 tokens/s
+# between two runs on the same 2 cores, more than the presets differ).
+SPEED_ORDER = "the variants of a depth in turn, one repetition each"
+
+
+def measure_speed_in_turn(
+    variants: list[Variant], params: dict, inputs: Inputs, progress: Callable[[str], None]
+) -> dict[str, dict]:
+    """The speed cells of one depth and flash-attention setting: each of params["reps"] rounds runs one
+    llama-bench repetition of every variant, so drift spreads over the variants instead of landing on
+    one. Each variant's result by label, or {"refused": the library's reason}."""
+    runs: dict[str, list[dict]] = {v.label: [] for v in variants}
+    refused: dict[str, dict] = {}
+    for rep in range(params["reps"]):
+        for variant in (v for v in variants if v.label not in refused):
+            progress(f"repetition {rep + 1} of {params['reps']}: {variant.label}")
+            try:
+                res = run_tool(
+                    variant,
+                    "llama-bench",
+                    *("-m", inputs.model, "-p", params["n_prompt"], "-n", params["n_gen"], "-d", params["depth"]),
+                    *("-b", params["n_batch"], "-r", 1, "-t", inputs.threads, "-o", "json"),
+                    flash_attn=bool(params["flash_attn"]),
+                )
+            except Refused as refusal:
+                refused[variant.label] = {"refused": str(refusal)}
+                continue
+            runs[variant.label].append(speed_result(json.loads(res.stdout)))
+    return {label: refused.get(label) or joined_speed_results(runs[label]) for label in runs}
+
+
+def joined_speed_results(runs: list[dict]) -> dict:
+    """One result from single repetitions: mean and sample deviation (llama-bench's) of each rate."""
+    joined = {}
+    for kind in runs[0]:
+        samples = [s for run in runs for s in run[kind]["samples"]]
+        joined[kind] = {
+            "mean": statistics.fmean(samples),
+            "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+            "samples": samples,
+        }
+    return joined
 
 
 def speed_result(tests: list[dict]) -> dict:
@@ -216,7 +251,6 @@ def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
 
 MEASURE = {
     "memory": measure_memory,
-    "speed": measure_speed,
     "quality": measure_quality,
     "recall": measure_recall,
 }

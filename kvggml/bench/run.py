@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvggml.bench.measure import MEASURE, Inputs, Refused, run_probe
+from kvggml.bench.measure import MEASURE, SPEED_ORDER, Inputs, Refused, measure_speed_in_turn, run_probe
 from kvggml.bench.report import (
     budget_series,
     depths_of_several_thread_counts,
@@ -28,7 +28,7 @@ from kvggml.bench.report import (
     plot_threads,
     pyplot,
 )
-from kvggml.bench.store import Cell, ResultStore
+from kvggml.bench.store import Cell, ResultStore, describe
 from kvggml.bench.variants import REFERENCE, Variant
 from kvggml.library import library_dir
 
@@ -186,6 +186,19 @@ def plan(settings: Settings) -> list[Cell]:
     return cells
 
 
+def in_turn(todo: list[tuple[Cell, dict]]) -> list[list[tuple[Cell, dict]]]:
+    """The cells to measure as they are measured together: the speed cells of one set of parameters
+    (a depth and flash attention) in one group, whose variants take turns; every other cell alone."""
+    groups: list[list[tuple[Cell, dict]]] = []
+    for cell, key in todo:
+        together = cell.measurement == "speed" and groups and groups[-1][0][0].measurement == "speed"
+        if together and groups[-1][0][0].params == cell.params:
+            groups[-1].append((cell, key))
+        else:
+            groups.append([(cell, key)])
+    return groups
+
+
 def cell_inputs(cell: Cell, variant: Variant, model: Path, text_sha256: str) -> dict:
     """What a cell's result depends on besides its parameters. KLD also depends on stock f16's logits."""
     libraries = {variant.library} | ({"stock"} if cell.measurement == "quality" else set())
@@ -193,7 +206,7 @@ def cell_inputs(cell: Cell, variant: Variant, model: Path, text_sha256: str) -> 
         "model": {"path": str(model), "bytes": model.stat().st_size},
         "text_sha256": text_sha256,
         "libraries": {lib: library_identity(lib) for lib in sorted(libraries)},
-    }
+    } | ({"order": SPEED_ORDER} if cell.measurement == "speed" else {})
 
 
 def write_outputs(settings: Settings, records: list[dict]) -> list[Path]:
@@ -252,14 +265,29 @@ def run(settings: Settings) -> int:
     bar = tqdm(total=len(cells), initial=reused, unit="cell", dynamic_ncols=True)
     interrupted = False
     try:
-        for cell, key in todo:
-            bar.set_description(cell.label)
-            try:
-                result = MEASURE[cell.measurement](variants[cell.variant], cell.params, inputs, settings.out)
-            except Refused as refusal:
-                result = {"refused": str(refusal)}
-            bar.update()
-            tqdm.write(f"{cell.label}: {figure(store.put(key, result))}", file=sys.stderr)
+        for group in in_turn(todo):
+            cell = group[0][0]
+            if cell.measurement == "speed":
+                label = f"speed | {', '.join(map(describe, cell.params.items()))}"
+                results = measure_speed_in_turn(
+                    [variants[c.variant] for c, _ in group],
+                    cell.params,
+                    inputs,
+                    lambda what, label=label: bar.set_description(f"{label} | {what}"),
+                )
+            else:
+                bar.set_description(cell.label)
+                try:
+                    results = {
+                        cell.variant: MEASURE[cell.measurement](
+                            variants[cell.variant], cell.params, inputs, settings.out
+                        )
+                    }
+                except Refused as refusal:
+                    results = {cell.variant: {"refused": str(refusal)}}
+            for c, key in group:
+                bar.update()
+                tqdm.write(f"{c.label}: {figure(store.put(key, results[c.variant]))}", file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True
     finally:  # a failed cell, too, leaves the tables of those that finished
