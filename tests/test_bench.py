@@ -93,19 +93,24 @@ def test_a_variant_loads_its_own_builds_libraries(tmp_path, monkeypatch):
         assert env["KVGGML_LIB"] == build
 
 
-@pytest.mark.fast
-def test_the_plan_has_one_cell_per_measurement_variant_and_parameter(tmp_path):
+def quick_plan(measurements: list[str], **sizes) -> list[Cell]:
+    """--quick's cells of stock f16 and kvggml balanced (stock f16 read empty), with sizes changed."""
     settings = Settings(
-        **QUICK,
-        model=tmp_path / "m.gguf",
+        **{**QUICK, **sizes},
+        model=REPO / "m.gguf",
         text=None,
-        out=tmp_path,
+        out=REPO,
         command="kvggml bench --quick",
         variants=["stock f16", "kvggml balanced"],
-        measurements=["memory", "speed", "quality", "recall"],
+        measurements=measurements,
         no_fill=frozenset({"stock f16"}),
     )
-    cells = plan(settings)
+    return plan(settings)
+
+
+@pytest.mark.fast
+def test_the_plan_has_one_cell_per_measurement_variant_and_parameter():
+    cells = quick_plan(["memory", "speed", "quality", "recall"])
     assert [(c.measurement, c.variant) for c in cells] == [
         *[("memory", v) for _ in QUICK["memory_ctx"] for v in ("stock f16", "kvggml balanced")],
         *[(m, v) for m in ("speed", "quality", "recall") for v in ("stock f16", "kvggml balanced")],
@@ -206,17 +211,7 @@ def test_speed_cells_of_a_depth_take_turns_one_repetition_each(monkeypatch):
     assert results["kvggml balanced"]["decode"]["mean"] == pytest.approx(143 / 3)
     assert results["kvggml balanced;BUDGET=0.25"]["refused"].startswith("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes")
     # the cells measured together: a depth's speed cells, every other cell alone
-    settings = Settings(
-        **{**QUICK, "depths": [512, 2048]},
-        model=REPO / "m.gguf",
-        text=None,
-        out=REPO,
-        command="kvggml bench",
-        variants=["stock f16", "kvggml balanced"],
-        measurements=["speed", "quality"],
-        no_fill=frozenset(),
-    )
-    groups = in_turn([(c, {}) for c in plan(settings)])
+    groups = in_turn([(c, {}) for c in quick_plan(["speed", "quality"], depths=[512, 2048])])
     both, alone = ["stock f16", "kvggml balanced"], [["stock f16"], ["kvggml balanced"]]
     assert [[c.variant for c, _ in g] for g in groups] == [both, both, *alone]
     assert [g[0][0].params["depth"] for g in groups[:2]] == [512, 2048]
