@@ -251,7 +251,7 @@ class CompressionConfig:
 
     def widest_bits(self) -> tuple[int, ...]:
         """Per subband the widest of K's and V's widths, over the preset and every layer's."""
-        return widest_bits([self.preset, *(preset for _, preset in self.layers)], self.level)
+        return widest_bits(presets_in_use(self.preset, self.layers), self.level)
 
     def codec(self, role: str, layer: int | None = None) -> HaarCodec:
         """The codec the library applies with these settings to K (role "k") or V ("v") of model layer
@@ -288,11 +288,16 @@ class CompressionConfig:
         return env
 
 
+def presets_in_use(preset: str, layers: tuple[tuple[int, str], ...]) -> list[str]:
+    """The preset and the layers' own: together they give the widths a schedule starts from."""
+    return [preset, *(layer_preset for _, layer_preset in layers)]
+
+
 def schedule_steps(raw: str, values: dict) -> tuple[Step, ...]:
     """The parsed schedule checked against the level and preset, with the library's messages."""
     env = SETTINGS["schedule"].env
     what = f"{env}={raw!r}"
-    presets = [values["preset"], *(preset for _, preset in values["layers"] or ())]
+    presets = presets_in_use(values["preset"], values["layers"] or ())
     before, steps = widest_bits(presets, values["level"]), []
     first = f"preset {values['preset']}'s" + ("" if len(presets) == 1 else " and the layers', widest")
     for age, widths in values["schedule"] or ():
