@@ -1,4 +1,4 @@
-"""The `kvggml` command: info, eval, bench, chat, serve."""
+"""The `kvggml` command: info, eval, tune, bench, chat, serve."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from kvggml import __version__, cpu
 from kvggml.config import CompressionConfig, ConfigError
 from kvggml.library import REPO, choose_library, kvggml_version, load_llama_cpp
+from kvggml.presets import PRESETS
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -120,6 +121,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     json_path, png_path = write_outputs(report, Path(args.out), f"eval-{model.stem}-N{args.n_prefill}")
     print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kvggml.model import default_text, silence_llama_logs
+    from kvggml.plan import KVShape
+    from kvggml.tune import format_report, tune, write_outputs
+
+    config = CompressionConfig.from_env()
+    if config.guidance:
+        raise ConfigError(
+            "OLLAMA_KV_COMPRESSION_GUIDANCE=1 is not modelled offline: kvggml tune needs 0 "
+            "(tune the layers with age order, then turn guidance on)"
+        )
+    model = model_path(args.model)
+    allowed = KVShape.from_gguf(model).full_attention_layers
+    layers = args.layers or allowed
+    stray = sorted(set(layers) - set(allowed))
+    if stray:
+        raise ConfigError(
+            f"--layers {','.join(map(str, stray))}: compression does not apply to "
+            f"{'that layer' if len(stray) == 1 else 'those layers'}: allowed this model's full-attention layers, "
+            f"{', '.join(map(str, allowed))}"
+        )
+    text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else default_text()
+    os.environ.setdefault("KVGGML_LIB", "stock")  # offline, as kvggml eval
+    llama_cpp = load_llama_cpp()
+    silence_llama_logs(llama_cpp)
+    print(
+        f"model {model.name}, N={args.n_prefill}, M={args.n_score}: {len(layers)} layers' K and V at {args.up}, "
+        "one at a time",
+        file=sys.stderr,
+    )
+    report = tune(
+        llama_cpp,
+        model,
+        text,
+        config,
+        layers,
+        up=args.up,
+        extra=args.extra,
+        min_gain=args.min_gain,
+        n_prefill=args.n_prefill,
+        n_score=args.n_score,
+        window=config.threshold,
+        sinks=config.sinks,
+        n_threads=args.threads,
+    )
+    print(format_report(report))
+    paths = write_outputs(report, Path(args.out), f"tune-{model.stem}-N{args.n_prefill}")
+    print(f"wrote {', '.join(map(str, paths))}")
     return 0
 
 
@@ -331,6 +383,24 @@ def non_negative(value: str) -> int:
     return number
 
 
+def fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction from 0 to 1")
+    return number
+
+
+def layer_list(value: str) -> list[int]:
+    """An argparse type: model layer numbers separated by commas."""
+    items = value.split(",")
+    if not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of layer numbers (0, 1, ...)")
+    return sorted(set(map(int, items)))
+
+
 def flash_attn_values(value: str) -> list[int]:
     """An argparse type: llama-bench -fa values, a comma-separated list of 1 (on) and 0 (off)."""
     if any(item not in ("0", "1") for item in value.split(",")):
@@ -420,6 +490,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)
+
+    tune = sub.add_parser(
+        "tune",
+        help="which layers' keys or values earn a finer preset: measured per layer, gives OLLAMA_KV_COMPRESSION_LAYERS",
+        description="For each full-attention layer's K and V, measures offline (as kvggml eval's kvggml row, "
+        "with the policy of OLLAMA_KV_COMPRESSION_*) the KLD taken off by raising it alone to --up, chooses the "
+        "raises that take most per byte within --extra, and checks the choice on the next part of the text.",
+    )
+    tune.add_argument("--model", help=MODEL_HELP)
+    tune.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
+    tune.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
+    tune.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
+    tune.add_argument(
+        "--up", default="hi", choices=list(PRESETS), help="the finer preset a layer's K or V is raised to (default: hi)"
+    )
+    tune.add_argument(
+        "--extra",
+        type=fraction,
+        default=0.02,
+        help="extra KV bytes allowed, a fraction of the policy's from 0 to 1 (default: 0.02)",
+    )
+    tune.add_argument(
+        "--min-gain",
+        type=fraction,
+        default=0.05,
+        help="a raise must take at least this fraction of the policy's KLD off (default: 0.05)",
+    )
+    tune.add_argument("--layers", type=layer_list, help="model layers to try (default: every full-attention layer)")
+    tune.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
+    tune.add_argument("--out", default="results", help="folder for the JSON, Markdown and PNG (default: results)")
+    tune.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser(
         "bench",

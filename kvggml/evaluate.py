@@ -230,8 +230,10 @@ def evaluate(
     sinks: int = 4,
     n_threads: int | None = None,
     n_batch: int = 512,
+    skip: int = 0,
 ) -> dict:
-    """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row."""
+    """The report of `rows` on `text`; a progress bar on stderr counts the reference and each row.
+    skip: the text's tokens passed over after its first (BOS), so that two evaluations read disjoint parts."""
     n_ctx = n_prefill + n_score
     full_attention_layers = KVShape.from_gguf(model_path).full_attention_layers
     for row in rows:  # before the reference is computed: a row's mistake costs nothing
@@ -246,8 +248,10 @@ def evaluate(
             )
     with Runner(llama_cpp, model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads) as ref_run:
         tokens = ref_run.tokenize(text)
-        if len(tokens) < n_ctx + 1:
-            raise ValueError(f"the text has {len(tokens)} tokens; N + M + 1 = {n_ctx + 1} are needed")
+        if len(tokens) < skip + n_ctx + 1:
+            after = f" after the {skip} passed over" if skip else ""
+            raise ValueError(f"the text has {len(tokens)} tokens; N + M + 1 = {n_ctx + 1} are needed{after}")
+        tokens = np.concatenate([tokens[:1], tokens[1 + skip :]])
         prefix, scored = tokens[:n_prefill], tokens[n_prefill:n_ctx]
         n_head_kv = llama_cpp.llama_model_n_head_kv(ref_run.model)
         progress = tqdm(total=len(rows) + 1, desc="uncompressed reference")
@@ -323,6 +327,7 @@ def evaluate(
         model=str(model_path),
         n_prefill=n_prefill,
         n_score=n_score,
+        skip=skip,
         window=window,
         sinks=sinks,
         reference_ppl=reference.ppl,

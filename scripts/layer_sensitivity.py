@@ -18,6 +18,7 @@ from kvggml.evaluate import Row, evaluate
 from kvggml.library import load_llama_cpp
 from kvggml.model import default_model_path, default_text, silence_llama_logs
 from kvggml.plan import KVShape
+from kvggml.tune import plot_per_layer
 
 
 def main() -> None:
@@ -51,31 +52,16 @@ def main() -> None:
     lines = [f"| layer | K through {args.codec} | V through it |", "|---:|---:|---:|"]
     lines += [f"| {p['layer']} | {p['k_kld']:.4f} | {p['v_kld']:.4f} |" for p in per_layer]
     path["md"].write_text("\n".join(lines) + "\n")
-    plot(per_layer, args.codec, model.name, args.n_prefill, path["png"])
+    plot_per_layer(
+        [dict(layer=p["layer"], role=role, kld=p[f"{role}_kld"]) for p in per_layer for role in ("k", "v")],
+        "kld",
+        "mean KLD (log)",
+        f"{model.name}, N={args.n_prefill}\none layer's K or V through {args.codec}, the rest exact",
+        path["png"],
+        log=True,
+    )
     print("\n".join(lines))
     print(f"wrote {', '.join(map(str, path.values()))}")
-
-
-def plot(per_layer: list[dict], codec: str, model: str, n_prefill: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = range(len(per_layer))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(per_layer)), 4), dpi=120)
-    ax.bar([i - 0.2 for i in x], [p["k_kld"] for p in per_layer], width=0.4, label="K", color="tab:blue")
-    ax.bar([i + 0.2 for i in x], [p["v_kld"] for p in per_layer], width=0.4, label="V", color="tab:orange")
-    ax.set_xticks(list(x), [str(p["layer"]) for p in per_layer])
-    ax.set_yscale("log")
-    ax.set_xlabel("model layer")
-    ax.set_ylabel("mean KLD (log)")
-    ax.set_title(f"{model}, N={n_prefill}\none layer's K or V through {codec}, the rest exact", fontsize=9)
-    ax.legend()
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
