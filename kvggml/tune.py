@@ -55,10 +55,18 @@ def candidates(config: CompressionConfig, layers: list[int], up: str) -> list[Ra
     ]
 
 
+def noise_floor(per_raise: list[dict]) -> float:
+    """The most KLD any raise added. A finer preset for one layer cannot make the cache worse beyond
+    the measurement's noise (any change re-rolls the model's own rounding), so a gain no larger than
+    this is not told apart from noise."""
+    return max(0.0, *(-r["gain"] for r in per_raise))
+
+
 def choose(base: dict, per_raise: list[dict], allowance: int, min_gain: float) -> list[dict]:
     """The raises that buy the most KLD per extra byte, while their bytes fit the allowance; a raise
-    must take at least `min_gain` of the base's KLD off (less is within the measurement's noise)."""
-    worth = [r for r in per_raise if r["gain"] >= min_gain * base["kld_mean"]]
+    must take off at least `min_gain` of the base's KLD, and more than the noise floor."""
+    floor = noise_floor(per_raise)
+    worth = [r for r in per_raise if r["gain"] > floor and r["gain"] >= min_gain * base["kld_mean"]]
     worth.sort(key=lambda r: r["gain"] / max(r["extra_bytes"], 1), reverse=True)
     chosen, spent = [], 0
     for r in worth:
@@ -102,8 +110,14 @@ def tune(
     chosen = choose(base, per_raise, round(extra * base["kv_bytes"]), min_gain)
     tuned = raised(config, [Raise(c["layer"], c["role"]) for c in chosen], up)
 
+    # The check: the policy, the one raise that took most off, and the choice, on text the choice never saw.
     n_ctx = measured["n_prefill"] + measured["n_score"]
-    check_rows = [Row("policy", policy=config), Row("tuned", policy=tuned)]
+    best = max(per_raise, key=lambda r: r["gain"])
+    check_rows = [
+        Row("policy", policy=config),
+        Row("best raise", policy=raised(config, [Raise(best["layer"], best["role"])], up)),
+        Row("tuned", policy=tuned),
+    ]
     check = evaluate(llama_cpp, model_path, text, check_rows, skip=n_ctx, **evaluate_args)
     return dict(
         model=str(model_path),
@@ -115,10 +129,15 @@ def tune(
         policy=config.to_env(),
         base=base,
         per_raise=per_raise,
+        noise_floor=noise_floor(per_raise),
         chosen=[{k: c[k] for k in ("layer", "role")} for c in chosen],
         layers_setting=tuned.to_env()[SETTINGS["layers"].env],
         predicted_kld=base["kld_mean"] - sum(c["gain"] for c in chosen),
-        check=dict(skip=n_ctx, policy=check["rows"][0], tuned=check["rows"][1]),
+        check=dict(
+            skip=n_ctx,
+            best_raise={k: best[k] for k in ("layer", "role")},
+            **dict(zip(("policy", "best_raise_row", "tuned"), check["rows"], strict=True)),
+        ),
     )
 
 
@@ -127,7 +146,8 @@ def format_report(report: dict) -> str:
     base = report["base"]
     lines = [
         f"Each row: one layer's K or V at `{report['up']}`, the rest of the policy unchanged "
-        f"(N={report['n_prefill']}, M={report['n_score']}; the policy's KLD {base['kld_mean']:.5f}).",
+        f"(N={report['n_prefill']}, M={report['n_score']}; the policy's KLD {base['kld_mean']:.5f}). "
+        f"Noise floor, the most KLD a raise added: {report['noise_floor']:.5f}.",
         "",
         "| layer | role | KLD | KLD taken off | extra KV bytes | chosen |",
         "|---:|---|---:|---:|---:|---|",
@@ -145,6 +165,8 @@ def format_report(report: dict) -> str:
         "| setting | KLD | KV bytes at N |",
         "|---|---:|---:|",
         f"| the policy | {check['policy']['kld_mean']:.5f} | {check['policy']['kv_bytes']:,} |",
+        f"| the best raise alone (layer {check['best_raise']['layer']} {check['best_raise']['role'].upper()}) | "
+        f"{check['best_raise_row']['kld_mean']:.5f} | {check['best_raise_row']['kv_bytes']:,} |",
         f"| tuned | {check['tuned']['kld_mean']:.5f} | {check['tuned']['kv_bytes']:,} |",
         "",
         f"Predicted from the raises alone: {report['predicted_kld']:.5f} (on the measured part).",
