@@ -508,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--extra",
         type=fraction,
-        default=0.02,
-        help="extra KV bytes allowed, a fraction of the policy's from 0 to 1 (default: 0.02)",
+        default=0.1,
+        help="extra KV bytes allowed, a fraction of the policy's from 0 to 1 (default: 0.1; the noise floor and "
+        "--min-gain usually stop the choice first)",
     )
     tune.add_argument(
         "--min-gain",

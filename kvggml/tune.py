@@ -83,7 +83,7 @@ def tune(
     config: CompressionConfig,
     layers: list[int],
     up: str = "hi",
-    extra: float = 0.02,
+    extra: float = 0.1,
     min_gain: float = 0.05,
     **evaluate_args,
 ) -> dict:
