@@ -130,11 +130,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kvggml.tune import format_report, tune, write_outputs
 
     config = CompressionConfig.from_env()
-    if config.guidance:
-        raise ConfigError(
-            "OLLAMA_KV_COMPRESSION_GUIDANCE=1 is not modelled offline: kvggml tune needs 0 "
-            "(tune the layers with age order, then turn guidance on)"
-        )
     model = model_path(args.model)
     allowed = KVShape.from_gguf(model).full_attention_layers
     layers = args.layers or allowed

@@ -46,12 +46,13 @@ def raised(config: CompressionConfig, raises: list[Raise], up: str) -> Compressi
 
 
 def candidates(config: CompressionConfig, layers: list[int], up: str) -> list[Raise]:
-    """Every layer's K and V not already at `up`."""
+    """Every layer's K and V coarser than `up` (PRESETS lists the finest first)."""
+    finer = list(PRESETS)
     return [
         Raise(il, role)
         for il in layers
         for role, preset in zip(ROLES, split_preset(config.preset_of(il)), strict=True)
-        if preset != up
+        if finer.index(preset) > finer.index(up)
     ]
 
 
@@ -93,7 +94,14 @@ def tune(
         raise ValueError(f"--up {up!r} is not a preset: expected one of {', '.join(PRESETS)}")
     if not 0 <= extra <= 1:
         raise ValueError(f"--extra {extra}: expected a fraction of the KV bytes from 0 to 1")
+    if config.guidance:
+        raise ValueError(
+            "OLLAMA_KV_COMPRESSION_GUIDANCE=1 is not modelled offline: kvggml tune needs 0 "
+            "(tune the layers with age order, then turn guidance on)"
+        )
     raises = candidates(config, layers, up)
+    if not raises:
+        raise ValueError(f"every K and V of layers {', '.join(map(str, layers))} is at {up} or finer: nothing to raise")
     rows = [Row("policy", policy=config)] + [Row(r.label, policy=raised(config, [r], up)) for r in raises]
     measured = evaluate(llama_cpp, model_path, text, rows, **evaluate_args)
     base, *results = measured["rows"]

@@ -26,8 +26,9 @@ def test_a_raise_sets_one_role_of_one_layer_and_keeps_the_others_own():
 
 @pytest.mark.fast
 def test_candidates_leave_out_what_is_already_at_the_finer_preset():
-    config = CompressionConfig(preset="lo", layers=((2, "hi/lo"),))
-    assert candidates(config, [1, 2], "hi") == [Raise(1, "k"), Raise(1, "v"), Raise(2, "v")]
+    config = CompressionConfig(preset="lo", layers=((2, "hi/lo"), (3, "fine/balanced")))
+    assert candidates(config, [1, 2, 3], "hi") == [Raise(1, "k"), Raise(1, "v"), Raise(2, "v"), Raise(3, "v")]
+    assert candidates(config, [2, 3], "balanced") == [Raise(2, "v")]
 
 
 @pytest.mark.fast
@@ -44,6 +45,16 @@ def test_the_choice_buys_most_per_byte_within_the_allowance_and_above_the_noise(
     # a raise that added KLD shows the noise: gains no larger than it are not taken
     noisy = [*per_raise, raise_of(4, -0.01, 50)]
     assert [r["layer"] for r in choose(base, noisy, allowance=450, min_gain=0.0)] == [0, 1]
+
+
+@pytest.mark.fast
+def test_nothing_to_raise_and_guidance_are_refused_before_anything_runs():
+    fine = CompressionConfig(preset="hi", layers=((3, "fine"),))
+    with pytest.raises(ValueError, match="every K and V of layers 2, 3 is at hi or finer: nothing to raise"):
+        tune(None, None, "never read", fine, [2, 3], up="hi")
+    guided = CompressionConfig(guidance=True)
+    with pytest.raises(ValueError, match="GUIDANCE=1 is not modelled offline: kvggml tune needs 0"):
+        tune(None, None, "never read", guided, [2, 3])
 
 
 @pytest.fixture(scope="module")
