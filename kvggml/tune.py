@@ -71,9 +71,10 @@ def choose(base: dict, per_raise: list[dict], allowance: int, min_gain: float) -
     worth.sort(key=lambda r: r["gain"] / max(r["extra_bytes"], 1), reverse=True)
     chosen, spent = [], 0
     for r in worth:
-        if spent + max(r["extra_bytes"], 0) <= allowance:
+        cost = max(r["extra_bytes"], 0)  # under a budget a raise can cost nothing: others coarsen instead
+        if spent + cost <= allowance:
             chosen.append(r)
-            spent += max(r["extra_bytes"], 0)
+            spent += cost
     return chosen
 
 

@@ -191,8 +191,8 @@ def in_turn(todo: list[tuple[Cell, dict]]) -> list[list[tuple[Cell, dict]]]:
     (a depth and flash attention) in one group, whose variants take turns; every other cell alone."""
     groups: list[list[tuple[Cell, dict]]] = []
     for cell, key in todo:
-        together = cell.measurement == "speed" and groups and groups[-1][0][0].measurement == "speed"
-        if together and groups[-1][0][0].params == cell.params:
+        last = groups[-1][0][0] if groups else None
+        if cell.measurement == "speed" and last and last.measurement == "speed" and last.params == cell.params:
             groups[-1].append((cell, key))
         else:
             groups.append([(cell, key)])
