@@ -183,7 +183,7 @@ def test_refused_speed_cells_are_told_apart_by_flash_attention():
 @pytest.mark.fast
 def test_speed_cells_of_a_depth_take_turns_one_repetition_each(monkeypatch):
     from kvggml.bench import measure
-    from kvggml.bench.run import in_turn
+    from kvggml.bench.run import groups
 
     calls = []
 
@@ -201,8 +201,14 @@ def test_speed_cells_of_a_depth_take_turns_one_repetition_each(monkeypatch):
     monkeypatch.setattr(measure, "run_tool", fake_run_tool)
     labels = ["stock f16", "kvggml balanced", "kvggml balanced;BUDGET=0.25"]
     params = {"depth": 512, "flash_attn": 1, "reps": 3, "n_prompt": 512, "n_gen": 64, "n_batch": 512}
-    results = measure.measure_speed_in_turn(
-        [Variant.parse(v) for v in labels], params, measure.Inputs(Path("m"), Path("t"), 2), lambda what: None
+    results = {}
+    measure.MEASURE["speed"](
+        [Variant.parse(v) for v in labels],
+        params,
+        measure.Inputs(Path("m"), Path("t"), 2),
+        Path("out"),
+        lambda what: None,
+        results.__setitem__,
     )
     # round by round, a refused variant left out after its refusal
     assert calls == ["stock f16", "kvggml balanced", "kvggml balanced;BUDGET=0.25"] + labels[:2] * 2
@@ -210,11 +216,51 @@ def test_speed_cells_of_a_depth_take_turns_one_repetition_each(monkeypatch):
     assert results["kvggml balanced"]["decode"]["samples"] == [21.0, 51.0, 71.0]
     assert results["kvggml balanced"]["decode"]["mean"] == pytest.approx(143 / 3)
     assert results["kvggml balanced;BUDGET=0.25"]["refused"].startswith("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes")
-    # the cells measured together: a depth's speed cells, every other cell alone
-    groups = in_turn([(c, {}) for c in quick_plan(["speed", "quality"], depths=[512, 2048])])
-    both, alone = ["stock f16", "kvggml balanced"], [["stock f16"], ["kvggml balanced"]]
-    assert [[c.variant for c, _ in g] for g in groups] == [both, both, *alone]
-    assert [g[0][0].params["depth"] for g in groups[:2]] == [512, 2048]
+    # the cells measured together: those of one measurement and one set of parameters
+    grouped = groups([(c, {}) for c in quick_plan(["speed", "quality"], depths=[512, 2048])])
+    both = ["stock f16", "kvggml balanced"]
+    assert [[c.variant for c, _ in g] for g in grouped] == [both, both, both]
+    assert [(g[0][0].measurement, g[0][0].params.get("depth")) for g in grouped] == [
+        ("speed", 512),
+        ("speed", 2048),
+        ("quality", None),
+    ]
+
+
+@pytest.mark.fast
+def test_cells_measured_alone_are_each_done_before_the_next_starts():
+    # so an interrupted run keeps every finished recall or quality cell of its group
+    from kvggml.bench import measure
+
+    events = []
+
+    def fake_measure(variant, params, inputs, out):
+        events.append(("measure", variant.label))
+        if "BUDGET" in variant.label:
+            raise measure.Refused("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes, below what this context can need")
+        return {"recalled": len(events)}
+
+    labels = ["stock f16", "kvggml balanced;BUDGET=0.25", "kvggml balanced"]
+    measure.one_at_a_time(fake_measure)(
+        [Variant.parse(v) for v in labels],
+        {"n_ctx": 2048},
+        measure.Inputs(Path("m"), Path("t"), 2),
+        Path("out"),
+        lambda what: events.append(("progress", what)),
+        lambda label, result: events.append(("done", label, result)),
+    )
+    refusal = {"refused": "OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes, below what this context can need"}
+    assert events == [
+        ("progress", "stock f16"),
+        ("measure", "stock f16"),
+        ("done", "stock f16", {"recalled": 2}),
+        ("progress", "kvggml balanced;BUDGET=0.25"),
+        ("measure", "kvggml balanced;BUDGET=0.25"),
+        ("done", "kvggml balanced;BUDGET=0.25", refusal),
+        ("progress", "kvggml balanced"),
+        ("measure", "kvggml balanced"),
+        ("done", "kvggml balanced", {"recalled": 8}),
+    ]
 
 
 @pytest.mark.fast

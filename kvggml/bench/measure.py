@@ -1,4 +1,4 @@
-"""One cell of the bench: one measurement of one variant with one set of parameters, in processes of its own.
+"""The bench's measurements: the cells of one measurement and one set of parameters, in processes of their own.
 
 memory   KV bytes once a context is full (library accounting; stock: llama.cpp's allocation), peak RSS
 speed    llama-bench prefill and decode tokens/s at a depth, mean and deviation over repetitions
@@ -32,6 +32,10 @@ class Inputs:
     model: Path
     text: Path
     threads: int
+
+
+Progress = Callable[[str], None]  # what a group is measuring now, for the progress bar
+Done = Callable[[str, dict], None]  # a variant's label and its result, as soon as it is measured
 
 
 class MeasurementError(RuntimeError):
@@ -104,11 +108,11 @@ SPEED_ORDER = "the variants of a depth in turn, one repetition each"
 
 
 def measure_speed_in_turn(
-    variants: list[Variant], params: dict, inputs: Inputs, progress: Callable[[str], None]
-) -> dict[str, dict]:
+    variants: list[Variant], params: dict, inputs: Inputs, out: Path, progress: Progress, done: Done
+) -> None:
     """The speed cells of one depth and flash-attention setting: each of params["reps"] rounds runs one
     llama-bench repetition of every variant, so drift spreads over the variants instead of landing on
-    one. Each variant's result by label, or {"refused": the library's reason}."""
+    one. Every variant is done after the last round."""
     runs: dict[str, list[dict]] = {v.label: [] for v in variants}
     refused: dict[str, dict] = {}
     for rep in range(params["reps"]):
@@ -126,7 +130,8 @@ def measure_speed_in_turn(
                 refused[variant.label] = {"refused": str(refusal)}
                 continue
             runs[variant.label].append(speed_result(json.loads(res.stdout)))
-    return {label: refused.get(label) or joined_speed_results(runs[label]) for label in runs}
+    for label, samples in runs.items():
+        done(label, refused.get(label) or joined_speed_results(samples))
 
 
 def joined_speed_results(runs: list[dict]) -> dict:
@@ -249,8 +254,29 @@ def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
     }
 
 
+def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) -> Callable[..., None]:
+    """A measurement whose variants run alone, one after another, each done as soon as it finishes."""
+
+    def measure_each(
+        variants: list[Variant], params: dict, inputs: Inputs, out: Path, progress: Progress, done: Done
+    ) -> None:
+        for variant in variants:
+            progress(variant.label)
+            try:
+                result = measure_one(variant, params, inputs, out)
+            except Refused as refusal:
+                result = {"refused": str(refusal)}
+            done(variant.label, result)
+
+    return measure_each
+
+
+# Each measurement takes the variants of one set of parameters (the cells of one group), with what it
+# reads and where it may write, and calls done(label, result) for every variant, where a result may
+# be {"refused": the library's reason}.
 MEASURE = {
-    "memory": measure_memory,
-    "quality": measure_quality,
-    "recall": measure_recall,
+    "memory": one_at_a_time(measure_memory),
+    "speed": measure_speed_in_turn,
+    "quality": one_at_a_time(measure_quality),
+    "recall": one_at_a_time(measure_recall),
 }

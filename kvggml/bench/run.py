@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvggml.bench.measure import MEASURE, SPEED_ORDER, Inputs, Refused, measure_speed_in_turn, run_probe
+from kvggml.bench.measure import MEASURE, SPEED_ORDER, Inputs, run_probe
 from kvggml.bench.report import (
     budget_series,
     depths_of_several_thread_counts,
@@ -186,17 +186,16 @@ def plan(settings: Settings) -> list[Cell]:
     return cells
 
 
-def in_turn(todo: list[tuple[Cell, dict]]) -> list[list[tuple[Cell, dict]]]:
-    """The cells to measure as they are measured together: the speed cells of one set of parameters
-    (a depth and flash attention) in one group, whose variants take turns; every other cell alone."""
-    groups: list[list[tuple[Cell, dict]]] = []
+def groups(todo: list[tuple[Cell, dict]]) -> list[list[tuple[Cell, dict]]]:
+    """The cells measured together: those of one measurement and one set of parameters (MEASURE)."""
+    grouped: list[list[tuple[Cell, dict]]] = []
     for cell, key in todo:
-        last = groups[-1][0][0] if groups else None
-        if cell.measurement == "speed" and last and last.measurement == "speed" and last.params == cell.params:
-            groups[-1].append((cell, key))
+        last = grouped[-1][0][0] if grouped else None
+        if last and (last.measurement, last.params) == (cell.measurement, cell.params):
+            grouped[-1].append((cell, key))
         else:
-            groups.append([(cell, key)])
-    return groups
+            grouped.append([(cell, key)])
+    return grouped
 
 
 def cell_inputs(cell: Cell, variant: Variant, model: Path, text_sha256: str) -> dict:
@@ -263,31 +262,27 @@ def run(settings: Settings) -> int:
         flush=True,
     )
     bar = tqdm(total=len(cells), initial=reused, unit="cell", dynamic_ncols=True)
+    pending: dict[str, tuple[Cell, dict]] = {}  # the group being measured, by variant
+
+    def done(variant: str, result: dict) -> None:
+        cell, key = pending.pop(variant)
+        bar.update()
+        tqdm.write(f"{cell.label}: {figure(store.put(key, result))}", file=sys.stderr)
+
     interrupted = False
     try:
-        for group in in_turn(todo):
-            cell = group[0][0]
-            if cell.measurement == "speed":
-                label = f"speed | {', '.join(map(describe, cell.params.items()))}"
-                results = measure_speed_in_turn(
-                    [variants[c.variant] for c, _ in group],
-                    cell.params,
-                    inputs,
-                    lambda what, label=label: bar.set_description(f"{label} | {what}"),
-                )
-            else:
-                bar.set_description(cell.label)
-                try:
-                    results = {
-                        cell.variant: MEASURE[cell.measurement](
-                            variants[cell.variant], cell.params, inputs, settings.out
-                        )
-                    }
-                except Refused as refusal:
-                    results = {cell.variant: {"refused": str(refusal)}}
-            for c, key in group:
-                bar.update()
-                tqdm.write(f"{c.label}: {figure(store.put(key, results[c.variant]))}", file=sys.stderr)
+        for group in groups(todo):
+            pending.update({c.variant: (c, key) for c, key in group})
+            first = group[0][0]
+            label = f"{first.measurement} | {', '.join(map(describe, first.params.items()))}"
+            MEASURE[first.measurement](
+                [variants[c.variant] for c, _ in group],
+                first.params,
+                inputs,
+                settings.out,
+                lambda what, label=label: bar.set_description(f"{label} | {what}"),
+                done,
+            )
     except KeyboardInterrupt:
         interrupted = True
     finally:  # a failed cell, too, leaves the tables of those that finished
