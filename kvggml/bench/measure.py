@@ -36,6 +36,7 @@ class Inputs:
 
 Progress = Callable[[str], None]  # what a group is measuring now, for the progress bar
 Done = Callable[[str, dict], None]  # a variant's label and its result, as soon as it is measured
+Measure = Callable[[list[Variant], dict, Inputs, Path, Progress, Done], None]  # MEASURE's functions
 
 
 class MeasurementError(RuntimeError):
@@ -112,7 +113,7 @@ def measure_speed_in_turn(
 ) -> None:
     """The speed cells of one depth and flash-attention setting: each of params["reps"] rounds runs one
     llama-bench repetition of every variant, so drift spreads over the variants instead of landing on
-    one. Every variant is done after the last round."""
+    one. Every variant is done after the last round. (llama-bench writes no file under out.)"""
     runs: dict[str, list[dict]] = {v.label: [] for v in variants}
     refused: dict[str, dict] = {}
     for rep in range(params["reps"]):
@@ -254,7 +255,7 @@ def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
     }
 
 
-def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) -> Callable[..., None]:
+def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) -> Measure:
     """A measurement whose variants run alone, one after another, each done as soon as it finishes."""
 
     def measure_each(
@@ -274,7 +275,7 @@ def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) ->
 # Each measurement takes the variants of one set of parameters (the cells of one group), with what it
 # reads and where it may write, and calls done(label, result) for every variant, where a result may
 # be {"refused": the library's reason}.
-MEASURE = {
+MEASURE: dict[str, Measure] = {
     "memory": one_at_a_time(measure_memory),
     "speed": measure_speed_in_turn,
     "quality": one_at_a_time(measure_quality),
