@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -141,9 +142,15 @@ class Runner:
         return np.ctypeslib.as_array(buf)[:n].copy()
 
     def decode(
-        self, tokens: np.ndarray, start_pos: int, want_logits: bool = False, seq_id: int = 0
+        self,
+        tokens: np.ndarray,
+        start_pos: int,
+        want_logits: bool = False,
+        seq_id: int = 0,
+        on_batch: Callable[[int], None] | None = None,
     ) -> np.ndarray | None:
-        """Feed tokens of one sequence at positions start_pos.. in micro-batches.
+        """Feed tokens of one sequence at positions start_pos.. in micro-batches; on_batch(tokens read so
+        far) after each.
 
         Returns float32 (n, n_vocab) logits when asked.
         """
@@ -164,6 +171,8 @@ class Runner:
             if want_logits:
                 ptr = self.lib.llama_get_logits(self.ctx)
                 out.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy())
+            if on_batch:
+                on_batch(i + len(chunk))
         return np.concatenate(out) if want_logits else None
 
     def get_state(self, seq_id: int = 0) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -234,11 +235,12 @@ def test_cells_measured_alone_are_each_done_before_the_next_starts():
 
     events = []
 
-    def fake_measure(variant, params, inputs, out):
+    def fake_measure(variant, params, inputs, out, progress):
         events.append(("measure", variant.label))
+        progress("halfway")
         if "BUDGET" in variant.label:
             raise measure.Refused("OLLAMA_KV_COMPRESSION_BUDGET is 1 bytes, below what this context can need")
-        return {"recalled": len(events)}
+        return {"measured": variant.label}
 
     labels = ["stock f16", "kvggml balanced;BUDGET=0.25", "kvggml balanced"]
     measure.one_at_a_time(fake_measure)(
@@ -253,14 +255,63 @@ def test_cells_measured_alone_are_each_done_before_the_next_starts():
     assert events == [
         ("progress", "stock f16"),
         ("measure", "stock f16"),
-        ("done", "stock f16", {"recalled": 2}),
+        ("progress", "stock f16: halfway"),
+        ("done", "stock f16", {"measured": "stock f16"}),
         ("progress", "kvggml balanced;BUDGET=0.25"),
         ("measure", "kvggml balanced;BUDGET=0.25"),
+        ("progress", "kvggml balanced;BUDGET=0.25: halfway"),
         ("done", "kvggml balanced;BUDGET=0.25", refusal),
         ("progress", "kvggml balanced"),
         ("measure", "kvggml balanced"),
-        ("done", "kvggml balanced", {"recalled": 8}),
+        ("progress", "kvggml balanced: halfway"),
+        ("done", "kvggml balanced", {"measured": "kvggml balanced"}),
     ]
+
+
+@pytest.mark.fast
+def test_a_running_probe_shows_its_progress_and_its_whole_output_is_kept():
+    from kvggml.bench import measure
+    from kvggml.bench.probe import PROGRESS
+
+    # progress lines on stderr between large writes to stdout: neither pipe may stall the other
+    script = (
+        "import sys\n"
+        "for i in range(3):\n"
+        "    sys.stdout.write('x' * 100000 + '\\n'); sys.stdout.flush()\n"
+        f"    print({PROGRESS!r} + f'case {{i + 1}} of 3', file=sys.stderr, flush=True)\n"
+        f"    print({PROGRESS!r} + f'case {{i + 1}} of 3', file=sys.stderr, flush=True)\n"
+        "print('llama.cpp says: done', file=sys.stderr)\n"
+        "print('{\"recalled\": 3}')\n"
+        "sys.exit(7)\n"
+    )
+    shown = []
+    res = measure.run_watched([sys.executable, "-c", script], dict(os.environ), measure.probe_progress, shown.append)
+    # the newest line each time the output grows (lines written together show only the last), each once
+    assert shown[-1] == "case 3 of 3" and shown == sorted(set(shown))
+    assert set(shown) <= {"case 1 of 3", "case 2 of 3", "case 3 of 3"}
+    assert res.returncode == 7
+    assert res.stdout.count("x" * 100000) == 3 and res.stdout.splitlines()[-1] == '{"recalled": 3}'
+    assert res.stderr.endswith("llama.cpp says: done\n")
+
+
+@pytest.mark.fast
+def test_llama_perplexitys_chunks_are_counted_in_both_of_its_outputs():
+    from kvggml.bench.measure import perplexity_progress
+
+    watch = perplexity_progress(3)
+    assert watch("", "perplexity: calculating perplexity over 3 chunks, n_ctx=8192") is None
+    # writing the base logits: "[i]PPL," as each chunk ends
+    assert watch("[1]12.8031,[2]13.0112,", "") == "llama-perplexity: 2 of 3 chunks done"
+    # scoring against them: a row of the KLD table per chunk, then the summary (no chunk in it)
+    table = (
+        "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence\n"
+        "   1      12.8234 ±    0.3456       0.00123 ±    0.00045       0.01830 ±    0.00100\n"
+        "   2      13.0131 ±    0.2990       0.00101 ±    0.00031       0.01790 ±    0.00080\n"
+        "====== KL divergence statistics ======\n"
+        "Mean    KLD:   0.018100 ±   0.000600\n"
+        "99.0%   KLD:   0.160000\n"
+    )
+    assert watch(table, "") == "llama-perplexity: 2 of 3 chunks done"
 
 
 @pytest.mark.fast
@@ -371,6 +422,7 @@ def test_memory_cells_are_kept_when_interrupted_and_reused_on_a_rerun(tmp_path):
     res = bench(*args, out=out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 cells, 1 reused" in res.stderr
+    assert "kvggml balanced: 2048 of 2048 tokens read" in res.stderr  # the probe's progress, while it ran
     first = cells(out)
     by_variant = {c["variant"]: c["result"] for c in first}
     assert by_variant["stock f16"]["kv_mib"] == pytest.approx(45.0)  # 2048 cells of SmolLM2's 22.5 KiB

@@ -10,7 +10,9 @@ recall   llama.cpp's passkey test: a planted key at several depths and seeds, as
 from __future__ import annotations
 
 import json
+import os
 import re
+import selectors
 import statistics
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvggml.bench.probe import PROGRESS
 from kvggml.bench.variants import REFERENCE, Variant
 from kvggml.library import REPO
 
@@ -62,23 +65,82 @@ def check(res: subprocess.CompletedProcess, variant: Variant, cmd: list[str]) ->
     raise MeasurementError(f"{variant.label}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
 
 
-def run_probe(variant: Variant, *args: object) -> object:
+Watch = Callable[[str, str], str | None]  # the output so far (stdout, stderr) -> how far it has got
+
+
+def run_watched(
+    cmd: list[str], env: dict, watch: Watch, progress: Progress, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), and while it runs, progress(what watch finds
+    in the output so far) whenever that changes: a cell can take most of an hour."""
+    shown = None
+
+    def on_output(stdout: str, stderr: str) -> None:
+        nonlocal shown
+        now = watch(stdout, stderr)
+        if now and now != shown:
+            progress(now)
+            shown = now
+
+    with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            stdout, stderr = read_both(proc, on_output)
+        except BaseException:  # Ctrl-C, as subprocess.run does: the program does not outlive the bench
+            proc.kill()
+            raise
+        return subprocess.CompletedProcess(cmd, proc.wait(), stdout, stderr)
+
+
+def read_both(proc: subprocess.Popen, on_output: Callable[[str, str], None]) -> tuple[str, str]:
+    """proc's stdout and stderr to their end, read as they come (neither pipe may fill while the other is
+    waited on), on_output(both so far) after each read."""
+    output = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    text = ("", "")
+    with selectors.DefaultSelector() as streams:
+        for stream in output:
+            streams.register(stream, selectors.EVENT_READ)
+        while streams.get_map():
+            for key, _ in streams.select():
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    streams.unregister(key.fileobj)
+                    continue
+                output[key.fileobj] += data
+                text = tuple(bytes(b).decode(errors="replace") for b in output.values())
+                on_output(*text)
+    return text
+
+
+def probe_progress(stdout: str, stderr: str) -> str | None:
+    """The probe's last progress line (kvggml.bench.probe.report)."""
+    lines = re.findall(f"^{re.escape(PROGRESS)}(.*)$", stderr, re.MULTILINE)
+    return lines[-1] if lines else None
+
+
+def run_probe(variant: Variant, *args: object, progress: Progress = lambda what: None) -> object:
     """kvggml.bench.probe with the variant's library and settings; the JSON of its last line."""
     cmd = [sys.executable, "-m", "kvggml.bench.probe", *map(str, args)]
-    res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True, cwd=REPO)
+    res = run_watched(cmd, variant.env(), probe_progress, progress, cwd=REPO)
     check(res, variant, cmd[2:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_tool(variant: Variant, name: str, *args: object, flash_attn: bool = True) -> subprocess.CompletedProcess:
+def run_tool(
+    variant: Variant,
+    name: str,
+    *args: object,
+    flash_attn: bool = True,
+    watch: Watch = lambda stdout, stderr: None,
+    progress: Progress = lambda what: None,
+) -> subprocess.CompletedProcess:
     """A llama.cpp program of the variant's build, its output captured."""
     cmd = [str(variant.tool(name)), *map(str, args), *variant.cache_flags(flash_attn)]
-    res = subprocess.run(cmd, env=variant.env(), capture_output=True, text=True)
+    res = run_watched(cmd, variant.env(), watch, progress)
     check(res, variant, cmd)
     return res
 
 
-def measure_memory(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+def measure_memory(variant: Variant, params: dict, inputs: Inputs, out: Path, progress: Progress) -> dict:
     probe = run_probe(
         variant,
         "memory",
@@ -88,6 +150,7 @@ def measure_memory(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
         variant.ggml_type,
         int(params["fill"]),
         inputs.threads,
+        progress=progress,
     )
     stats = probe["stats"]
     return {
@@ -189,12 +252,25 @@ def kld_base(params: dict, out: Path) -> Path:
     return out / f"kld-base-c{params['n_ctx']}-chunks{params['chunks']}{last}.bin"
 
 
-def perplexity(variant: Variant, params: dict, inputs: Inputs, *extra: object) -> str:
+def perplexity_progress(n_chunks: int) -> Watch:
+    """How many chunks llama-perplexity has scored: a chunk's "[i]PPL," (the base logits' run), or its row
+    of the KLD table ("   i    PPL ± ...")."""
+
+    def chunks_done(stdout: str, stderr: str) -> str | None:
+        done = re.findall(r"\[(\d+)\][\d.]+,|^\s*(\d+)\s+[\d.]+ ±", stdout + stderr, re.MULTILINE)
+        return f"llama-perplexity: {max(int(a or b) for a, b in done)} of {n_chunks} chunks done" if done else None
+
+    return chunks_done
+
+
+def perplexity(variant: Variant, params: dict, inputs: Inputs, progress: Progress, *extra: object) -> str:
     res = run_tool(
         variant,
         "llama-perplexity",
         *("-m", inputs.model, "-f", inputs.text, "-c", params["n_ctx"], "-b", 512, "-ub", 512),
         *("--chunks", params["chunks"], "-t", inputs.threads, *extra),
+        watch=perplexity_progress(params["chunks"]),
+        progress=progress,
     )
     return res.stdout + res.stderr
 
@@ -206,19 +282,19 @@ def number(pattern: str, output: str) -> float:
     return float(match.group(1))
 
 
-def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path, progress: Progress) -> dict:
     """The reference writes the base logits (and is its own KLD 0); every other variant is scored against
     them, written again first if they are missing."""
     base = kld_base(params, out)
     if "last" in params:
-        return measure_quality_at_the_end(variant, params, inputs, base)
+        return measure_quality_at_the_end(variant, params, inputs, base, progress)
     reference = Variant.parse(REFERENCE)
     if variant.label == REFERENCE or not base.is_file():
-        output = perplexity(reference, params, inputs, "--kl-divergence-base", base)
+        output = perplexity(reference, params, inputs, progress, "--kl-divergence-base", base)
         if variant.label == REFERENCE:
             ppl = number(r"Final estimate: PPL = ([\d.]+)", output)
             return {"ppl": ppl, "kld_mean": 0.0, "kld_p99": 0.0, "same_top_pct": 100.0}
-    output = perplexity(variant, params, inputs, "--kl-divergence-base", base, "--kl-divergence")
+    output = perplexity(variant, params, inputs, progress, "--kl-divergence-base", base, "--kl-divergence")
     return {
         "ppl": number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", output),
         "kld_mean": number(r"Mean\s+KLD:\s*([-\d.]+)", output),
@@ -227,12 +303,12 @@ def measure_quality(variant: Variant, params: dict, inputs: Inputs, out: Path) -
     }
 
 
-def measure_quality_at_the_end(variant: Variant, params: dict, inputs: Inputs, base: Path) -> dict:
+def measure_quality_at_the_end(variant: Variant, params: dict, inputs: Inputs, base: Path, progress: Progress) -> dict:
     """The probe's quality over the last positions of each context; the reference writes the base."""
 
     def tail(v: Variant) -> dict:
         sizes = (params["n_ctx"], v.ggml_type, params["chunks"], params["last"], inputs.threads)
-        return run_probe(v, "tail", inputs.model, inputs.text, *sizes, base)
+        return run_probe(v, "tail", inputs.model, inputs.text, *sizes, base, progress=progress)
 
     if variant.label == REFERENCE or not base.is_file():
         base.unlink(missing_ok=True)
@@ -242,11 +318,10 @@ def measure_quality_at_the_end(variant: Variant, params: dict, inputs: Inputs, b
     return tail(variant)
 
 
-def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) -> dict:
+def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path, progress: Progress) -> dict:
     depths = ",".join(map(str, params["depths"]))
-    cases = run_probe(
-        variant, "recall", inputs.model, params["n_ctx"], variant.ggml_type, depths, params["seeds"], inputs.threads
-    )
+    sizes = (params["n_ctx"], variant.ggml_type, depths, params["seeds"], inputs.threads)
+    cases = run_probe(variant, "recall", inputs.model, *sizes, progress=progress)
     return {
         "recalled": sum(c["recalled"] for c in cases),
         "cases": len(cases),
@@ -255,7 +330,7 @@ def measure_recall(variant: Variant, params: dict, inputs: Inputs, out: Path) ->
     }
 
 
-def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) -> Measure:
+def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path, Progress], dict]) -> Measure:
     """A measurement whose variants run alone, one after another, each done as soon as it finishes."""
 
     def measure_each(
@@ -264,7 +339,9 @@ def one_at_a_time(measure_one: Callable[[Variant, dict, Inputs, Path], dict]) ->
         for variant in variants:
             progress(variant.label)
             try:
-                result = measure_one(variant, params, inputs, out)
+                result = measure_one(
+                    variant, params, inputs, out, lambda what, v=variant: progress(f"{v.label}: {what}")
+                )
             except Refused as refusal:
                 result = {"refused": str(refusal)}
             done(variant.label, result)

@@ -15,9 +15,21 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvggml.library import build_dir, load_llama_cpp
+
+PROGRESS = "kvggml-progress: "  # a line on stderr that the bench shows beside its progress bar
+
+
+def report(what: str) -> None:
+    print(PROGRESS + what, file=sys.stderr, flush=True)
+
+
+def reading(what: str, n_tokens: int) -> Callable[[int], None]:
+    """Runner.decode's on_batch: how many of n_tokens are read."""
+    return lambda done: report(f"{what}{done} of {n_tokens} tokens read")
 
 
 def count_tokens(model: str, text: str) -> dict:
@@ -45,7 +57,7 @@ def memory(model: str, text: str, n_ctx: str, ggml_type: str, fill: str, threads
         allocated = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", "".join(log))
         tokens = run.tokenize(Path(text).read_text(encoding="utf-8"))[:n_ctx] if fill == "1" else []
         start = time.perf_counter()
-        run.decode(tokens, 0)
+        run.decode(tokens, 0, on_batch=reading("", len(tokens)))
         seconds = time.perf_counter() - start
         stats = stats_or_none(llama_cpp, run.ctx)
     return {
@@ -84,10 +96,12 @@ def recall(model: str, n_ctx: str, ggml_type: str, depths: str, seeds: str, thre
     )
     n_junk = (int(n_ctx) - 96) // len(llm.tokenize(junk.encode(), add_bos=False))  # the most that fit
     cases = []
+    n_cases = int(seeds) * len(depths.split(","))
     for seed in range(int(seeds)):
         key = str(np.random.default_rng(seed).integers(10000, 100000))
         fact = f" The pass key is {key}. Remember it. {key} is the pass key."
         for depth in map(float, depths.split(",")):
+            report(f"case {len(cases) + 1} of {n_cases}: seed {seed}, the key at depth {depth}")
             cut = int(depth * n_junk)
             prompt = head + junk * cut + fact + junk * (n_junk - cut) + tail
             llm.reset()
@@ -126,7 +140,7 @@ def tail(model: str, text: str, n_ctx: str, ggml_type: str, chunks: str, last: s
         for c in range(n_chunks):
             chunk = tokens[c * n_ctx : (c + 1) * n_ctx]
             llama_cpp.llama_memory_clear(run.memory, True)
-            run.decode(chunk[:-n_last], 0)
+            run.decode(chunk[:-n_last], 0, on_batch=reading(f"context {c + 1} of {n_chunks}: ", n_ctx))
             logits.append(run.decode(chunk[-n_last:], n_ctx - n_last, want_logits=True))
             targets.append(chunk[n_ctx - n_last + 1 :])  # the next token of each position but the last
         stats = stats_or_none(llama_cpp, run.ctx)
