@@ -40,6 +40,7 @@ class Inputs:
 Progress = Callable[[str], None]  # what a group is measuring now, for the progress bar
 Done = Callable[[str, dict], None]  # a variant's label and its result, as soon as it is measured
 Measure = Callable[[list[Variant], dict, Inputs, Path, Progress, Done], None]  # MEASURE's functions
+Watch = Callable[[str, str], str | None]  # a program's output so far (stdout, stderr) -> how far it has got
 
 
 class MeasurementError(RuntimeError):
@@ -63,9 +64,6 @@ def check(res: subprocess.CompletedProcess, variant: Variant, cmd: list[str]) ->
     if refusal:
         raise Refused(refusal.group(1))
     raise MeasurementError(f"{variant.label}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-
-
-Watch = Callable[[str, str], str | None]  # the output so far (stdout, stderr) -> how far it has got
 
 
 def run_watched(
