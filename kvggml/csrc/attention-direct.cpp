@@ -21,10 +21,13 @@
 #include "llama-kv-cache.h"
 #include "tier.h"
 
-// The loops below are compiled for AVX-512, AVX2 and baseline x86-64, the best picked when the
-// library loads; the code is the same, so are the results up to the order of float sums.
+// The loops below are compiled for AVX-512, AVX2 with FMA and baseline x86-64, the best picked when
+// the library loads; the code is the same, so are the results up to the order of float sums and the
+// rounding of fused multiply-adds. Unlike the codec, attention need not match numpy bit for bit, so
+// this file lets the compiler fuse them: the dot products and weighted sums are most of its work.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KVGGML_CODEC_PORTABLE)
-#define KVGGML_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#pragma GCC optimize("fp-contract=fast")
+#define KVGGML_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define KVGGML_SIMD_CLONES
 #endif
