@@ -413,6 +413,11 @@ void Tier::attend_direct(const DirectView & view, ggml_tensor * dst, int ith, in
             const int64_t it = seen[i];
             const bool block = it < n_blocks;
             const int64_t first = first_column(it), n = columns(it);
+            const int64_t ahead = i + Stream::kPrefetchAhead;
+            if (ahead < (p + 1) * n_seen / n_parts && seen[ahead] < n_blocks) {
+                ks.prefetch(seen[ahead]);
+                vs.prefetch(seen[ahead]);
+            }
             for (int64_t t = 0; t < sh.n_q; ++t) {
                 for (int64_t j = 0; j < B; ++j) {
                     masks[t * B + j] = j < n ? mask_at(block ? comp : mask, first + j, t) : -INFINITY;

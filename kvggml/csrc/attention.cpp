@@ -179,7 +179,11 @@ void Tier::decode_into(const LayerView & view, ggml_tensor * dst, int ith, int n
     thread_local std::vector<float> block;
     block.resize((size_t) B * C);
     auto * out = (ggml_fp16_t *) dst->data;
-    for (int64_t b = ith * n_blocks / nth; b < (ith + 1) * n_blocks / nth; ++b) {
+    const int64_t last = (ith + 1) * n_blocks / nth;
+    for (int64_t b = ith * n_blocks / nth; b < last; ++b) {
+        if (b + Stream::kPrefetchAhead < last) {
+            stream.prefetch(b + Stream::kPrefetchAhead);
+        }
         const uint8_t * data = stream.bytes.data() + stream.offsets[b];
         const size_t size = stream.offsets[b + 1] - stream.offsets[b];
         int rc;

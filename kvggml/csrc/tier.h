@@ -78,6 +78,17 @@ struct Stream {
     // Room for n more bytes, growing the storage by an eighth rather than the vector's doubling:
     // a stream keeps its storage for good, so doubling could leave as much spare as data.
     void make_room(size_t n);
+    // Asks the CPU to load block b's bytes into its caches ahead of their use: attention at depth
+    // reads every block once per step from memory, and waited on those loads. Readers going through
+    // blocks in order prefetch the one kPrefetchAhead ahead. Decode at depth 8192 (SmolLM2, 2 threads,
+    // Xeon, in turn): none 35.3 and 35.9 tok/s; 1 ahead 37.0 and 38.9; 2 ahead 37.4 and 39.5.
+    static constexpr int64_t kPrefetchAhead = 2;
+    void prefetch(int64_t b) const {
+        const auto end = (uintptr_t) (bytes.data() + offsets[b + 1]);
+        for (auto line = (uintptr_t) (bytes.data() + offsets[b]) & ~(uintptr_t) 63; line < end; line += 64) {
+            __builtin_prefetch((const void *) line);  // never faults, even before bytes.data()
+        }
+    }
 };
 
 // How one layer's keys were rotated (RoPE), to rotate compressed keys that moved.
