@@ -81,7 +81,8 @@ struct Stream {
     // Asks the CPU to load block b's bytes into its caches ahead of their use: attention at depth
     // reads every block once per step from memory, and waited on those loads. Readers going through
     // blocks in order prefetch the one kPrefetchAhead ahead. Decode at depth 8192 (SmolLM2, 2 threads,
-    // Xeon, in turn): none 35.3 and 35.9 tok/s; 1 ahead 37.0 and 38.9; 2 ahead 37.4 and 39.5.
+    // Xeon, two libraries in turn): none 35.3 and 35.9 tok/s, 1 ahead 38.5 and 37.8; then 1 ahead
+    // 37.0 and 38.9, 2 ahead 37.4 and 39.5.
     static constexpr int64_t kPrefetchAhead = 2;
     void prefetch(int64_t b) const {
         const auto end = (uintptr_t) (bytes.data() + offsets[b + 1]);
